@@ -1,0 +1,399 @@
+"""judge.py: score parsing, proof preparation, the final-answer grader, and the HTTP client against
+a local fake OpenAI-compatible judge on 127.0.0.1 that produces the faults a real API produces
+(429 with Retry-After, 5xx, timeouts, malformed JSON, replies with no or a bad score, a 400 for an
+overlong request, a server that is down), plus the cache surviving a SIGKILL mid-batch.
+
+    python -m pytest -q -x tests/test_judge.py
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+import common
+import judge
+from judge import Grade, Judge, answer_reward, grade_answer, parse_score, prepare_proof
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# a fake OpenAI-compatible judge server with scripted faults
+
+
+class FakeJudge:
+    """Chat-completions server on 127.0.0.1. Each request's problem carries a tag [[pid]]; the
+    script maps pid -> actions for successive attempts (the last one repeats). Actions:
+    "ok:N" (a reply ending in <score>N</score>), "text:..." (that reply text), "429:S" (429 with
+    Retry-After S), "500"/"502"/"503", "400" (context length exceeded), "401", "sleep:S" (answer
+    after S seconds, for client timeouts), "badjson" (200 with a non-JSON body), "nochoices"
+    (200 with JSON that is not a completion). Unscripted pids get "ok:7"."""
+
+    def __init__(self, script=None, delay=0.0):
+        self.script, self.delay = dict(script or {}), delay
+        self.log = []  # dicts: pid, t, content_chars, auth, action
+        self.answered = 0
+        self.inflight = self.max_inflight = 0
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = body["messages"][0]["content"]
+                m = re.search(r"\[\[([\w-]+)\]\]", content)
+                pid = m.group(1) if m else "?"
+                with fake.lock:
+                    n = sum(e["pid"] == pid for e in fake.log)
+                    actions = fake.script.get(pid, ["ok:7"])
+                    action = actions[min(n, len(actions) - 1)]
+                    fake.log.append({"pid": pid, "t": time.monotonic(), "content_chars": len(content),
+                                     "auth": self.headers.get("Authorization"), "action": action, "body": body})
+                    fake.inflight += 1
+                    fake.max_inflight = max(fake.max_inflight, fake.inflight)
+                if fake.delay:
+                    time.sleep(fake.delay)
+                try:
+                    self.respond(action)
+                    with fake.lock:
+                        fake.answered += 1
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                finally:
+                    with fake.lock:
+                        fake.inflight -= 1
+
+            def send(self, code, payload, headers=()):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def completion(self, text):
+                return {"id": "x", "object": "chat.completion", "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+
+            def respond(self, action):
+                kind, _, arg = action.partition(":")
+                if kind == "ok":
+                    self.send(200, self.completion(f"The proof is checked step by step.\n<score>{arg}</score>"))
+                elif kind == "text":
+                    self.send(200, self.completion(arg))
+                elif kind == "429":
+                    self.send(429, {"error": {"message": "rate limited"}}, [("Retry-After", arg)])
+                elif kind in ("500", "502", "503"):
+                    self.send(int(kind), {"error": {"message": "server error"}})
+                elif kind == "400":
+                    self.send(400, {"error": {"message": "This model's maximum context length is 131072 tokens"}})
+                elif kind == "401":
+                    self.send(401, {"error": {"message": "invalid api key"}})
+                elif kind == "sleep":
+                    time.sleep(float(arg))
+                    self.send(200, self.completion("<score>0</score>"))
+                elif kind == "badjson":
+                    self.send(200, b'{"choices": [{"message": {"content": "<score>3</sco')
+                elif kind == "nochoices":
+                    self.send(200, {"error": "upstream overloaded"})
+                else:
+                    raise AssertionError(action)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def requests(self, pid=None):
+        with self.lock:
+            return [e for e in self.log if pid is None or e["pid"] == pid]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fake():
+    servers = []
+
+    def make(script=None, delay=0.0):
+        servers.append(FakeJudge(script, delay))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+def item(pid, proof="A complete argument. Hence the claim holds.", rubric="7 points for a full proof."):
+    return {"problem": f"[[{pid}]] Prove that 1 + 1 = 2.", "proof": f"<think>scratch work</think>\n{proof}",
+            "rubric": rubric}
+
+
+FAST = dict(backoff_base=0.01, backoff_max=0.05, timeout=5.0, max_retries=3, concurrency=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<score>5</score>", 5),
+    ("<score> 7 </score>", 7),
+    ("<score>\n  3\n</score>", 3),
+    ("<SCORE>4</SCORE>", 4),
+    ("<points>6 out of 7</points>", 6),
+    ("<points> 1  out  of 7 </points>", 1),
+    ("<points>0 out of 7</points>", 0),
+    ("<score>6/7</score>", 6),
+    ("<score>**2**</score>", 2),
+    ("<score>0</score>", 0),
+    ("template: <score>N</score> ... final <score>4</score>", 4),
+    ("first <score>2</score> then revised <score>5</score>", 5),
+    ("final <score>6</score> and an echo of the format <score>N</score>", 6),  # last *well-formed*
+    ("<score><score>3</score>", 3),
+    ("<points>7 out of 7</points> <score>1</score>", 1),
+    ("<score>9</score>", None),
+    ("<score>3</score> ... <score>9</score>", None),
+    ("<score>-1</score>", None),
+    ("<score>10</score>", None),
+    ("<score>3.5</score>", None),
+    ("<points>4 out of 10</points>", None),
+    ("<score>5", None),
+    ("score: 5", None),
+    ("The proof deserves 7 out of 7.", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_score(text, expected):
+    assert parse_score(text) == expected
+
+
+def test_prepare_proof():
+    assert prepare_proof("<think>a\nb</think>\n\nThe proof.\n") == "The proof."
+    assert prepare_proof("thinking only, cut by the budget") is None  # truncated
+    assert prepare_proof("no think at all", require_think=False) == "no think at all"
+    # the opening tag may be missing (Qwen3-Thinking-2507's template adds it to the prompt)
+    assert prepare_proof("reasoning </think> Proof body") == "Proof body"
+    # only the text after the *last* </think>
+    assert prepare_proof("<think>x</think> draft </think> final") == "final"
+    # a trailing self-evaluation section is removed, in its common heading shapes
+    for head in ["## Self Evaluation", "**Self-Evaluation**", "Self-evaluation:", "### 3. Self-Assessment",
+                 "SELF VERIFICATION"]:
+        text = f"<think>t</think>\nStep 1. x = 1.\nStep 2. Done.\n\n{head}\nMy proof is correct.\n\\boxed{{1}}"
+        assert prepare_proof(text) == "Step 1. x = 1.\nStep 2. Done.", head
+    # a sentence that merely mentions self-verification is not a heading: nothing is cut
+    body = "We use self-verification of the bound in Lemma 2, which is routine and was checked above here."
+    assert prepare_proof("</think>" + body) == body
+
+
+def test_grade_answer_and_reward():
+    assert grade_answer("so the answer is \\boxed{5}", "5")
+    assert not grade_answer("\\boxed{6}", "5")
+    assert not grade_answer("the answer is 5", "5")  # no \boxed{}
+    assert grade_answer("first \\boxed{3}, corrected: \\boxed{\\frac{1}{2}}", "0.5")  # last box
+    assert grade_answer("\\boxed{\\{1, 2\\}}", "\\{2, 1\\}")
+    assert grade_answer("\\boxed{n = 2}", "$2$")
+    assert not grade_answer("\\boxed{\\frac{1}{2", "1/2")  # unclosed box: cut off
+    assert answer_reward("<think>5</think> \\boxed{5}", "5") == 1.0
+    assert answer_reward("<think>5</think> \\boxed{4}", "5") == 0.0
+    assert answer_reward("<think>\\boxed{5} and then the budget ran out", "5") == 0.0  # truncated
+    # works off the main thread (math-verify's signal timeout only works on the main one)
+    out = []
+    t = threading.Thread(target=lambda: out.append(grade_answer("\\boxed{2^{10}}", "1024")))
+    t.start(), t.join()
+    assert out == [True]
+
+
+def test_rewards_and_prompt_errors(tmp_path):
+    assert judge.score_to_reward(7) == 1.0 and judge.score_to_reward(None) == 0.0
+    assert abs(judge.score_to_reward(3) - 3 / 7) < 1e-12
+    assert judge.score_to_reward(5, threshold=5) == 1.0 and judge.score_to_reward(4, threshold=5) == 0.0
+    with pytest.raises(ValueError, match="known prompts.*imo_proofbench"):
+        judge.load_prompt("no_such_prompt")
+    j = Judge("http://127.0.0.1:9/v1", "m", prompt="imo_proofbench")
+    with pytest.raises(ValueError, match=r"item 1: prompt 'imo_proofbench' uses \{reference\}"):
+        j.submit([dict(item("a"), reference="ref"), item("b")])
+    j.close()
+    r = httpx.Response(429, headers={"Retry-After": "2"})
+    assert judge._retry_after_s(r) == 2.0
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < judge._retry_after_s(httpx.Response(429, headers={"Retry-After": date})) <= 31
+
+
+# ---------------------------------------------------------------------------------------------
+# the client against the fault-injecting server
+
+
+def test_client_faults(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test-123")
+    srv = fake({
+        "ok": ["ok:6"],
+        "rate": ["429:1", "ok:5"],
+        "five": ["500", "502", "503", "ok:4"],
+        "slow": ["sleep:2", "ok:3"],
+        "badjson": ["badjson", "nochoices", "ok:2"],
+        "alwaysbad": ["badjson"],
+        "noscore": ["text:The proof looks fine to me."],
+        "nine": ["text:Excellent work. <score>9</score>"],
+        "long": ["ok:1"],
+        "ctx": ["400"],
+        "down": ["503"],
+    })
+    long_proof = "x" * 200_000
+    items = [item("ok"), item("rate"), item("five"), item("slow"), item("badjson"), item("alwaysbad"),
+             item("noscore"), item("nine"), item("long", proof=long_proof), item("ctx"), item("down"),
+             {"problem": "[[trunc]] p", "proof": "<think>never finished", "rubric": "r"}]
+    cache = str(tmp_path / "cache.sqlite")
+    seen = []
+    j = Judge(srv.url, "judge-m", api_key_env="JUDGE_TEST_KEY", cache_path=cache, reasoning_effort="medium",
+              max_tokens=1000, **dict(FAST, timeout=0.5))
+    grades = j.grade(items, on_grade=lambda i, g: seen.append(i))
+    j.close()
+    g = dict(zip(["ok", "rate", "five", "slow", "badjson", "alwaysbad", "noscore", "nine", "long", "ctx", "down",
+                  "trunc"], grades))
+    assert sorted(seen) == list(range(len(items)))
+    assert (g["ok"].score, g["ok"].reward, g["ok"].error) == (6, 6 / 7, None)
+    assert g["ok"].reply.endswith("<score>6</score>")
+    assert g["rate"].score == 5
+    t429, tok = [e["t"] for e in srv.requests("rate")]
+    assert tok - t429 >= 0.9, "Retry-After: 1 not honoured"
+    assert g["five"].score == 4 and len(srv.requests("five")) == 4
+    assert g["slow"].score == 3 and len(srv.requests("slow")) == 2  # first attempt timed out
+    assert g["badjson"].score == 2 and len(srv.requests("badjson")) == 3
+    bad = g["alwaysbad"]
+    assert bad.score is None and bad.reward == 0.0 and "malformed" in bad.error and not bad.parse_failed
+    assert len(srv.requests("alwaysbad")) == 4  # 1 + max_retries
+    for k in ("noscore", "nine"):  # replied but unusable: parse failure, counts 0, no error
+        assert g[k].score is None and g[k].parse_failed and g[k].error is None and g[k].reward == 0.0
+        assert len(srv.requests(k)) == 1
+    assert g["nine"].reply == "Excellent work. <score>9</score>"
+    assert g["long"].score == 1 and srv.requests("long")[0]["content_chars"] > 200_000  # sent whole
+    assert "HTTP 400" in g["ctx"].error and "context length" in g["ctx"].error
+    assert len(srv.requests("ctx")) == 1  # a 400 is not retried
+    assert "gave up after 4 attempts" in g["down"].error and "HTTP 503" in g["down"].error
+    assert g["trunc"].truncated and g["trunc"].score == 0 and not srv.requests("trunc")
+    # the request carried the key, the model, the reasoning effort and max_tokens
+    body = srv.requests("ok")[0]["body"]
+    assert srv.requests("ok")[0]["auth"] == "Bearer sk-test-123"
+    assert (body["model"], body["reasoning_effort"], body["max_tokens"]) == ("judge-m", "medium", 1000)
+    assert "scratch work" not in body["messages"][0]["content"]  # the thinking never reaches the judge
+
+    # a second run on the same cache: only the failed items are requested again
+    before = len(srv.requests())
+    j2 = Judge(srv.url, "judge-m", api_key_env="JUDGE_TEST_KEY", cache_path=cache, reasoning_effort="medium",
+               **dict(FAST, max_retries=0))
+    again = j2.grade(items)
+    j2.close()
+    asked = {e["pid"] for e in srv.requests()[before:]}
+    assert asked == {"alwaysbad", "ctx", "down"}
+    for k, a in zip(g, again):
+        if g[k].error is None and not g[k].truncated:
+            assert a.cached and a.score == g[k].score and a.reply == g[k].reply, k
+
+
+def test_judge_down_and_bad_key(fake, tmp_path):
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    j = Judge(f"http://127.0.0.1:{port}/v1", "m", **dict(FAST, max_retries=1))
+    grades = j.grade([item("a"), item("b")])
+    j.close()
+    assert all(g.score is None and "could not reach the judge" in g.error for g in grades)
+    srv = fake({"a": ["401"]})
+    j = Judge(srv.url, "m", **FAST)
+    (g,) = j.grade([item("a")])
+    j.close()
+    assert "HTTP 401" in g.error and "$JUDGE_API_KEY" in g.error and len(srv.requests()) == 1
+
+
+def test_submit_is_non_blocking_and_dedups(fake):
+    srv = fake(delay=0.3)
+    j = Judge(srv.url, "m", **FAST)
+    arrived = []
+    t0 = time.monotonic()
+    fut = j.submit([item("a"), item("b"), item("a")], on_grade=lambda i, g: arrived.append(i))
+    assert time.monotonic() - t0 < 0.2 and not fut.done()
+    grades = fut.result(timeout=10)
+    j.close()
+    assert [g.score for g in grades] == [7, 7, 7] and sorted(arrived) == [0, 1, 2]
+    assert len(srv.requests("a")) == 1 and grades[2].cached  # identical proofs in flight: one request
+
+
+def test_concurrency_is_bounded(fake):
+    srv = fake(delay=0.1)
+    j = Judge(srv.url, "m", **dict(FAST, concurrency=3))
+    grades = j.grade([item(f"p{i}") for i in range(10)])
+    j.close()
+    assert all(g.score == 7 for g in grades) and srv.max_inflight == 3
+
+
+def test_threshold_and_grade_type(fake):
+    srv = fake({"a": ["ok:5"], "b": ["ok:4"]})
+    j = Judge(srv.url, "m", threshold=5, **FAST)
+    a, b = j.grade([item("a"), item("b")])
+    j.close()
+    assert isinstance(a, Grade) and (a.reward, b.reward) == (1.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: SIGKILL mid-batch, then a restart re-grades nothing already graded
+
+
+def test_cli_cache_survives_kill(fake, tmp_path):
+    srv = fake({f"p{i}": [f"ok:{i % 8}"] for i in range(16)}, delay=0.25)
+    inp, out = str(tmp_path / "proofs.jsonl"), str(tmp_path / "grades.jsonl")
+    with open(inp, "w") as f:
+        for i in range(16):
+            f.write(json.dumps(dict(item(f"p{i}"), id=f"id{i}")) + "\n")
+    env = dict(os.environ, JUDGE_API_KEY="sk-secret-kill", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, os.path.join(ROOT, "judge.py"), "--input", inp, "--output", out, "--base-url", srv.url,
+           "--model", "m", "--concurrency", "2", "--backoff", "0.01"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while srv.answered < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_log = proc.stdout.read().decode()
+    assert srv.answered < 16, "the run finished before the kill; the test did not test anything"
+    db = sqlite3.connect(out + ".cache.sqlite")
+    n_cached = db.execute("SELECT COUNT(*) FROM grades").fetchone()[0]
+    db.close()
+    graded_before = {r["id"] for r in common.read_jsonl(out)}  # skips a torn last line
+    assert n_cached >= 3 and len(graded_before) >= 3
+    n_first = len(srv.requests())
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    second = [e["pid"] for e in srv.requests()[n_first:]]
+    assert not {f"p{k[2:]}" for k in graded_before} & set(second), "a graded row was requested again"
+    assert len(second) == 16 - n_cached  # everything in the cache was reused, nothing else
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["row"] for r in rows] == list(range(16))
+    assert [r["score"] for r in rows] == [i % 8 for i in range(16)]
+    assert all(r["error"] is None for r in rows)
+    assert "sk-secret-kill" not in first_log + res.stdout + res.stderr  # the key is never printed
+    assert srv.requests()[0]["auth"] == "Bearer sk-secret-kill"
+    # a third run has nothing to do
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and "0 to grade" in res.stdout
+    assert len(srv.requests()) == n_first + len(second)
