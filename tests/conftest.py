@@ -41,6 +41,10 @@ def tiny_model(tiny_model_dir):
     return common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped where torch sees none)")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` are skipped on machines without a GPU."""
     if torch.cuda.is_available():
