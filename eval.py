@@ -1,1 +1,525 @@
-"""(stage under construction; see the issue tracker)"""
+"""Evaluate a model on IMO-ProofBench, ProofBench or IMO-AnswerBench: generate with rc_decode
+(direct, the reasoning cache, or verify-and-refine), grade with judge.py, and print the paper's
+table: score in percent as avg@n with the std of the n run means in parentheses, plus breakdowns.
+
+    python eval.py --model lm-provers/QED-Nano --benchmark imo-proofbench --n 3
+    python eval.py --model lm-provers/QED-Nano --benchmark proofbench --n 3 --scaffold direct
+    python eval.py --model lm-provers/QED-Nano --benchmark imo-answerbench --n 3
+    python eval.py --model ./ckpt --benchmark mine.jsonl --columns "problem=Question,rubric=Scheme" --grader marking_scheme
+    python eval.py --preset tiny      # offline on CPU: tiny Qwen3, data/tiny_eval.jsonl, final-answer grader
+
+Proof benchmarks need a judge (default: Gemini 3 Pro through its OpenAI-compatible endpoint, key in
+$JUDGE_API_KEY; any `vllm serve` judge works with --judge-base-url/--judge-model). Everything goes to
+--out-dir, line by line as it is produced: generations.jsonl, grades.jsonl (with the judge's full
+reply), summary.json, report.md, scores.png, args.json, judge_cache.sqlite. Rerunning the same
+command resumes: finished samples are not regenerated and graded ones are not re-graded (a grade
+that failed after retries is retried). A larger --n adds samples to the same directory.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import common
+import judge as judge_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks: where they live, how they are graded, and which column holds each field.
+# The hub datasets' exact column names are not pinned here (no network when this was written):
+# each field lists candidate names, the first present wins, --columns field=Column overrides.
+
+CANDIDATES = {
+    "id": ["Problem ID", "problem_id", "id", "problem_idx", "uid"],
+    "problem": ["Problem", "problem", "question", "statement"],
+    "answer": ["Short Answer", "short_answer", "answer", "final_answer"],
+    "rubric": ["Grading guidelines", "grading_guidelines", "marking_scheme", "Marking scheme", "rubric", "rubrics",
+               "grading_scheme", "guidelines"],
+    "reference": ["Solution", "solution", "reference_solution", "reference", "proof"],
+    "set": ["set", "subset", "Set", "split"],
+    "level": ["Level", "level", "difficulty"],
+    "category": ["Category", "category", "competition"],
+    "subcategory": ["Subcategory", "subcategory"],
+}
+BENCHMARKS = {
+    # 60 problems; "set" (basic/advanced) comes from a column or else from the id (PB-Basic-001)
+    "imo-proofbench": dict(source="lm-provers/IMOProofBench", grader="imo_proofbench",
+                           fields=["id", "problem", "reference", "rubric", "set", "level", "category"],
+                           breakdowns=["set", "category"]),
+    # 145 problems with expert marking schemes, strict marking-scheme grader, no reference
+    "proofbench": dict(source="lm-provers/ProofBench", grader="marking_scheme",
+                       fields=["id", "problem", "rubric", "category"], breakdowns=["category"]),
+    # 400 short-answer problems, last \boxed{} vs the answer with math-verify
+    "imo-answerbench": dict(source="lm-provers/IMOBench-FinalAnswer", grader="answer",
+                            fields=["id", "problem", "answer", "category", "subcategory"], breakdowns=["category"]),
+}
+REQUIRED = {"answer": ["problem", "answer"], "marking_scheme": ["problem", "rubric"],
+            "imo_proofbench": ["problem", "rubric", "reference"]}
+TINY_DATA = os.path.join(HERE, "data", "tiny_eval.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+TINY = dict(model="", benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
+            scaffold="direct", n=2, limit=6, max_tokens=24, turns=2, summary_tokens=16, verify_tokens=16,
+            n_proofs=2, n_verify=1, rounds=1, chunk_size=6, out_dir=os.path.join("runs", "eval-tiny"))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny = offline CPU run (flags you pass win)")
+    # ---- model and engine
+    p.add_argument("--model", default="lm-provers/QED-Nano", help="hub id or folder (openai engine: served name)")
+    p.add_argument("--engine", default="vllm", choices=["hf", "vllm", "openai"], help="rc_decode engine")
+    p.add_argument("--device", default="auto", help="hf engine: auto|cpu|cuda")
+    p.add_argument("--dtype", default="bfloat16", help="hf/vllm weights dtype")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    p.add_argument("--max-model-len", type=int, default=-1, help="vllm: context length (-1 = the model's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: fraction of GPU memory")
+    p.add_argument("--base-url", default="http://localhost:8000/v1", help="openai engine: server URL")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai engine: env var with the key")
+    # ---- scaffold and sampling
+    p.add_argument("--scaffold", default="rc", choices=["rc", "direct", "verify-refine"],
+                   help="rc = reasoning cache (the paper's QED-Nano eval), direct = one proof, verify-refine = "
+                        "DeepSeek-Math-V2-style self-verification")
+    p.add_argument("--n", type=int, default=3, help="samples per problem = independent runs for avg@n")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (model card: 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k (0 = off)")
+    p.add_argument("--max-tokens", type=int, default=-1, help="new tokens per completion; rc: per reasoning turn "
+                   "(-1 = direct 229376, rc 49152, verify-refine 49152)")
+    p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
+    p.add_argument("--summary-tokens", type=int, default=2048, help="rc: summary budget H_S in tokens")
+    p.add_argument("--summary-temperature", type=float, default=0.7, help="rc: summarizer temperature")
+    p.add_argument("--summarizer-model", default="", help="rc: separate summarizer ('' = the model itself)")
+    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: candidate proofs per round")
+    p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
+    p.add_argument("--rounds", type=int, default=2, help="verify-refine: refinement rounds")
+    p.add_argument("--verify-tokens", type=int, default=16384, help="verify-refine: budget per verification")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (-1 = unseeded)")
+    p.add_argument("--chunk-size", type=int, default=64, help="completions per generate call (saved after each)")
+    # ---- benchmark
+    p.add_argument("--benchmark", default="imo-proofbench", help=f"{list(BENCHMARKS)} or a local .jsonl/.json/.parquet")
+    p.add_argument("--columns", default="", help="field=Column pairs overriding the column guesses, e.g. "
+                   "\"problem=Problem,answer=Short Answer\"; fields: " + ", ".join(CANDIDATES))
+    p.add_argument("--split", default="train", help="dataset split")
+    p.add_argument("--config", default="", help="dataset config ('' = default)")
+    p.add_argument("--limit", type=int, default=-1, help="first N problems only (-1 = all)")
+    p.add_argument("--grader", default="", help="answer | marking_scheme | imo_proofbench | a judge prompt .txt "
+                   "('' = the benchmark's own)")
+    p.add_argument("--allow-no-think", action="store_true", help="grade the whole text of completions that "
+                   "have no </think> (non-thinking models) instead of scoring them 0 as truncated")
+    # ---- judge (proof benchmarks)
+    p.add_argument("--judge-base-url", default="https://generativelanguage.googleapis.com/v1beta/openai",
+                   help="OpenAI-compatible judge endpoint (default: Gemini's)")
+    p.add_argument("--judge-model", default="gemini-3-pro-preview", help="judge model (paper: Gemini 3 Pro)")
+    p.add_argument("--judge-api-key-env", default="JUDGE_API_KEY", help="env var holding the judge's API key")
+    p.add_argument("--judge-reasoning-effort", default="", help="low|medium|high ('' = not sent)")
+    p.add_argument("--judge-max-tokens", type=int, default=-1, help="judge reply budget (-1 = server default)")
+    p.add_argument("--judge-concurrency", type=int, default=16, help="judge requests in flight")
+    p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge request")
+    p.add_argument("--judge-max-retries", type=int, default=6, help="retries on 429/5xx/timeouts")
+    p.add_argument("--judge-backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, jitter)")
+    # ---- output
+    p.add_argument("--out-dir", default="", help="results folder ('' = runs/eval/<model>-<benchmark>-<scaffold>)")
+    return p
+
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark loading
+
+
+def parse_columns(spec):
+    """'problem=Problem,answer=Short Answer' -> {'problem': 'Problem', 'answer': 'Short Answer'}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        field, eq, col = part.partition("=")
+        field, col = field.strip(), col.strip().strip("'\"")
+        if not eq or not col or field not in CANDIDATES:
+            raise ValueError(f"--columns: cannot read {part!r}; write field=Column with field in "
+                             f"{list(CANDIDATES)}, e.g. --columns \"problem=Problem,answer=Short Answer\"")
+        out[field] = col
+    return out
+
+
+def resolve_columns(names, fields, explicit, required, source):
+    """field -> column of the dataset, from --columns or the candidate names; a clear error for a
+    required field that has no column."""
+    mapping = {}
+    for f in fields:
+        if f in explicit:
+            if explicit[f] not in names:
+                raise ValueError(f"{source}: --columns maps {f}={explicit[f]!r} but there is no such column; "
+                                 f"columns are {names}")
+            mapping[f] = explicit[f]
+        else:
+            hit = next((c for c in CANDIDATES[f] if c in names), None)
+            if hit is not None:
+                mapping[f] = hit
+    missing = [f for f in required if f not in mapping]
+    if missing:
+        raise ValueError(f"{source}: no column for {missing} (looked for {[CANDIDATES[f] for f in missing]}); "
+                         f"the data has columns {names}. Name them with --columns, e.g. --columns \""
+                         + ",".join(f"{f}=<column>" for f in missing) + '"')
+    return mapping
+
+
+def load_benchmark(benchmark, *, columns="", grader="", split="train", config=None, limit=-1):
+    """(problems, grader, breakdowns, source, mapping): problems are dicts with the canonical fields
+    (id, problem, answer, rubric, reference, set, level, category, subcategory)."""
+    spec = BENCHMARKS.get(benchmark)
+    source = spec["source"] if spec else benchmark
+    if spec is None and not os.path.exists(benchmark):
+        raise ValueError(f"--benchmark {benchmark!r}: not one of {list(BENCHMARKS)} and not an existing "
+                         ".jsonl/.json/.parquet file")
+    ds = common.load_rows(source, split=split, config=config)
+    names = list(ds.column_names)
+    explicit = parse_columns(columns)
+    fields = spec["fields"] if spec else list(CANDIDATES)
+    fields = fields + [f for f in explicit if f not in fields]
+    probe = resolve_columns(names, fields, explicit, ["problem"], source)
+    if not grader:  # a local file: answer-style if it has answers, else judge-graded
+        grader = spec["grader"] if spec else ("answer" if "answer" in probe and "rubric" not in probe else
+                                              "imo_proofbench" if "reference" in probe and "rubric" in probe else
+                                              "marking_scheme")
+    mapping = resolve_columns(names, fields, explicit, REQUIRED.get(grader, ["problem", "rubric"]), source)
+    problems, seen = [], set()
+    for i, row in enumerate(ds):
+        p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
+        p["id"] = p.get("id") or f"row-{i}"
+        if p["id"] in seen:
+            raise ValueError(f"{source}: row {i}: duplicate id {p['id']!r}; "
+                             "map a unique id column with --columns id=...")
+        seen.add(p["id"])
+        for f in REQUIRED.get(grader, ["problem", "rubric"]):
+            if not (p.get(f) or "").strip():
+                raise ValueError(f"{source}: row {i} (id {p['id']!r}) has an empty {f!r} (column {mapping[f]!r})")
+        if benchmark == "imo-proofbench" and not p.get("set"):
+            m = re.search(r"basic|advanced", p["id"], re.IGNORECASE)
+            p["set"] = m.group(0).lower() if m else None
+        problems.append(p)
+    if limit > 0:
+        problems = problems[:limit]
+    breakdowns = spec["breakdowns"] if spec else ["category"]
+    return problems, grader, breakdowns, source, mapping
+
+
+# ---------------------------------------------------------------------------------------------
+# scores: avg@n with the std of the n run means
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def avg_at_n(scores_by_problem, n):
+    """scores_by_problem: {id: {sample_index: score 0..7}} (a parse failure already counted 0; an
+    ungraded sample is absent). Run k's mean is the mean over problems of score/7 in percent;
+    returns (mean of the run means, population std of the run means (ddof=0), run means)."""
+    runs = []
+    for k in range(n):
+        vals = [100.0 * s[k] / 7.0 for s in scores_by_problem.values() if k in s]
+        if vals:
+            runs.append(_mean(vals))
+    if not runs:
+        return float("nan"), float("nan"), []
+    mu = _mean(runs)
+    return mu, math.sqrt(_mean([(r - mu) ** 2 for r in runs])), runs
+
+
+def summarize(problems, grades, n, breakdowns):
+    """Summary dict from problems and the grade records (id, sample, score, error, parse_failed,
+    truncated). Records with an error are ungraded: left out and counted."""
+    by_id = {p["id"]: p for p in problems}
+    scores = {p["id"]: {} for p in problems}
+    counts = dict(graded=0, ungraded=0, parse_failed=0, truncated=0)
+    for g in grades:
+        if g["id"] not in by_id or g["sample"] >= n:
+            continue
+        if g.get("error"):
+            counts["ungraded"] += 1
+            continue
+        counts["graded"] += 1
+        counts["parse_failed"] += bool(g.get("parse_failed"))
+        counts["truncated"] += bool(g.get("truncated"))
+        scores[g["id"]][g["sample"]] = g["score"] if g["score"] is not None else 0
+    counts["missing"] = len(problems) * n - counts["graded"] - counts["ungraded"]
+    rows = []
+
+    def add(name, ids):
+        mu, sd, runs = avg_at_n({i: scores[i] for i in ids}, n)
+        rows.append(dict(subset=name, problems=len(ids), avg=mu, std=sd, runs=runs))
+
+    add("all", list(scores))
+    for field in breakdowns:
+        values = sorted({p.get(field) for p in problems if p.get(field)})
+        if len(values) < 2 and field != "set":
+            continue
+        for v in values:
+            add(f"{field}={v}", [p["id"] for p in problems if p.get(field) == v])
+    per_problem = {i: dict(mean=_mean(list(s.values())) if s else None, scores=[s.get(k) for k in range(n)])
+                   for i, s in scores.items()}
+    return dict(n=n, table=rows, counts=counts, per_problem=per_problem)
+
+
+def format_table(summary, title=""):
+    n = summary["n"]
+    lines = [f"| subset | problems | avg@{n} (std) | run means |", "|---|---|---|---|"]
+    for r in summary["table"]:
+        cell = "-" if math.isnan(r["avg"]) else f"{r['avg']:.1f} ({r['std']:.1f})"
+        lines.append(f"| {r['subset']} | {r['problems']} | {cell} | {', '.join(f'{x:.1f}' for x in r['runs'])} |")
+    c = summary["counts"]
+    foot = (f"graded {c['graded']}, parse failures {c['parse_failed']} (counted 0), truncated {c['truncated']} "
+            f"(counted 0), ungraded after judge errors {c['ungraded']}, not yet generated/graded {c['missing']}")
+    return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n\n" + foot
+
+
+def plot_scores(path, summary, title):
+    """Per-problem score distribution: the mean over samples as a bar, each sample as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(((v["mean"] if v["mean"] is not None else -1, i, v["scores"])
+                    for i, v in summary["per_problem"].items()), reverse=True)
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(items) + 2), 4))
+    xs = range(len(items))
+    ax.bar(xs, [max(m, 0) for m, _, _ in items], color="#9ecae1", label="mean over samples")
+    for x, (_, _, ss) in zip(xs, items):
+        pts = [s for s in ss if s is not None]
+        ax.scatter([x] * len(pts), pts, s=10, color="#08519c", zorder=3)
+    ax.set_ylim(-0.3, 7.3)
+    ax.set_ylabel("score (0-7)")
+    ax.set_xlabel("problem (sorted by mean score)")
+    ax.set_title(title, fontsize=9)
+    if len(items) <= 40:
+        ax.set_xticks(list(xs), [i for _, i, _ in items], rotation=90, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir, summary, args, title):
+    lines = [f"# {title}", "", format_table(summary), "", "![scores per problem](scores.png)", "",
+             "## Per problem", "", "| id | mean score | samples |", "|---|---|---|"]
+    for i, v in summary["per_problem"].items():
+        m = "-" if v["mean"] is None else f"{v['mean']:.2f}"
+        lines.append(f"| {i} | {m} | {' '.join('-' if s is None else str(s) for s in v['scores'])} |")
+    lines += ["", "## Arguments", "", "```json", json.dumps(args, indent=2), "```", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# generation (rc_decode) and grading (judge.py), both written line by line as they finish
+
+RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "grader", "scaffold", "temperature", "top_p",
+               "top_k", "max_tokens", "turns", "summary_tokens", "summarizer_model", "judge_model", "allow_no_think"]
+DEFAULT_MAX_TOKENS = {"direct": 229376, "rc": 49152, "verify-refine": 49152}
+
+
+def make_engine(args, model):
+    import rc_decode
+
+    if args.engine == "hf":
+        import torch
+        return rc_decode.make_engine("hf", model, device=common.compute_init(args.device)[3],
+                                     dtype=getattr(torch, args.dtype))
+    if args.engine == "vllm":
+        return rc_decode.make_engine("vllm", model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+                                     max_model_len=args.max_model_len if args.max_model_len > 0 else None,
+                                     gpu_memory_utilization=args.gpu_memory_utilization, seed=max(args.seed, 0))
+    return rc_decode.make_engine("openai", model, base_url=args.base_url, api_key_env=args.api_key_env)
+
+
+def run_scaffold(args, engines, problems, first_seed):
+    """Traces for `problems` (a list of texts), one sample each, with the chosen scaffold."""
+    from rc_decode import Sampling, run_direct, run_rc, run_verify_refine
+
+    seed = None if args.seed < 0 else first_seed
+    s = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, seed)
+    if args.scaffold == "direct":
+        return run_direct(problems, engines["model"], s)
+    if args.scaffold == "rc":
+        summ = Sampling(args.summary_tokens, args.summary_temperature, args.top_p, args.top_k, seed)
+        return run_rc(problems, engines["model"], summarizer=engines.get("summarizer"), turns=args.turns,
+                      reason_sampling=s, summary_sampling=summ)
+    return run_verify_refine(problems, engines["model"], proof_sampling=s, n_proofs=args.n_proofs,
+                             n_verify=args.n_verify, rounds=args.rounds,
+                             verify_sampling=Sampling(args.verify_tokens, args.temperature, args.top_p, args.top_k,
+                                                      seed))
+
+
+def answer_grade(text, reference, allow_no_think):
+    """Final-answer grading as a grade record: 7 if the last \\boxed{} matches, else 0."""
+    proof = judge_lib.prepare_proof(text, require_think=not allow_no_think)
+    if proof is None:
+        return judge_lib.Grade(0, 0.0, truncated=True, note="no </think> (truncated): scored 0").to_dict()
+    box = judge_lib.last_boxed(proof)
+    ok = judge_lib.grade_answer(proof, reference)
+    return dict(judge_lib.Grade(7 if ok else 0, float(ok), parse_failed=False).to_dict(),
+                reply=f"extracted answer: {box!r}; reference: {reference!r}")
+
+
+def evaluate(args):
+    """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
+    out = args.out_dir
+    os.makedirs(out, exist_ok=True)
+    problems, grader, breakdowns, source, mapping = load_benchmark(
+        args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
+        limit=args.limit)
+    args_path = os.path.join(out, "args.json")
+    if os.path.exists(args_path) and os.path.exists(os.path.join(out, "generations.jsonl")):
+        with open(args_path) as f:
+            old = json.load(f)
+        diff = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
+        if diff:
+            was = ", ".join(f"--{k.replace('_', '-')} {old[k]!r}" for k in diff)
+            raise ValueError(f"{out} holds a run made with different settings ({was}); "
+                             "rerun with those flags to resume it, or pass a new --out-dir")
+    with open(args_path, "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    args.grader = args.grader or grader
+    title = f"{args.model} on {args.benchmark} ({args.scaffold}, {grader} grader)"
+    print(f"{source}: {len(problems)} problems, columns {mapping}, grader {grader!r}, n={args.n}", flush=True)
+
+    gen_path, grade_path = os.path.join(out, "generations.jsonl"), os.path.join(out, "grades.jsonl")
+    gens = {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path) if not r.get("error")}
+    grades = {(r["id"], r["sample"]): r for r in common.read_jsonl(grade_path)}
+    graded = {k for k, g in grades.items() if not g.get("error")}
+    by_id = {p["id"]: p for p in problems}
+    todo_gen = [(k, i) for k in range(args.n) for i, p in enumerate(problems) if (p["id"], k) not in gens]
+    print(f"{out}: {len(gens)} generations and {len(graded)} grades on disk; {len(todo_gen)} to generate", flush=True)
+
+    judge, futures, bar = None, [], None
+    if grader != "answer":
+        from tqdm import tqdm
+        judge = judge_lib.Judge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
+                                prompt=grader, cache_path=os.path.join(out, "judge_cache.sqlite"),
+                                concurrency=args.judge_concurrency, timeout=args.judge_timeout,
+                                max_retries=args.judge_max_retries, backoff_base=args.judge_backoff,
+                                reasoning_effort=args.judge_reasoning_effort or None,
+                                max_tokens=args.judge_max_tokens if args.judge_max_tokens > 0 else None,
+                                require_think=not args.allow_no_think)
+        bar = tqdm(total=0, desc="judge", position=1, dynamic_ncols=True)
+
+    def grade(records):
+        records = [r for r in records if (r["id"], r["sample"]) not in graded and r["id"] in by_id]
+        if not records:
+            return
+        keys = [dict(id=r["id"], sample=r["sample"], grader=grader) for r in records]
+        if judge is None:
+            for k, r in zip(keys, records):
+                common.append_jsonl(grade_path, {**k, **answer_grade(r["final_completion"], by_id[r["id"]]["answer"],
+                                                                     args.allow_no_think)})
+            return
+        items = [dict(problem=by_id[r["id"]]["problem"], proof=r["final_completion"],
+                      rubric=by_id[r["id"]].get("rubric"), reference=by_id[r["id"]].get("reference")) for r in records]
+
+        def on_grade(i, g):
+            common.append_jsonl(grade_path, {**keys[i], **g.to_dict()})
+            bar.update(1)
+        bar.total += len(items)
+        bar.refresh()
+        futures.append(judge.submit(items, on_grade=on_grade))  # grading overlaps the next generation chunk
+
+    t0 = time.time()
+    try:
+        grade(list(gens.values()))  # generations from an earlier run that were never graded
+        if todo_gen:
+            engines = {"model": make_engine(args, args.model)}
+            if args.scaffold == "rc" and args.summarizer_model:
+                engines["summarizer"] = make_engine(args, args.summarizer_model)
+            for c0 in range(0, len(todo_gen), args.chunk_size):
+                chunk = todo_gen[c0:c0 + args.chunk_size]
+                k0, i0 = chunk[0]
+                traces = run_scaffold(args, engines, [problems[i]["problem"] for _, i in chunk],
+                                      args.seed + 1_000_003 * k0 + i0)
+                records = []
+                for (k, i), tr in zip(chunk, traces):
+                    rec = dict(id=problems[i]["id"], sample=k, scaffold=args.scaffold,
+                               final_completion=tr["final_completion"], final_answer=tr["final_answer"],
+                               truncated=tr["truncated"], total_tokens=tr["total_tokens"], error=tr.get("error"),
+                               turns=tr["turns"])
+                    common.append_jsonl(gen_path, rec)
+                    if not rec["error"]:
+                        records.append(rec)
+                grade(records)
+                print(f"generated {min(c0 + args.chunk_size, len(todo_gen))}/{len(todo_gen)} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+        for f in futures:
+            f.result()
+    except BaseException:
+        for f in futures:  # stop grading; what arrived is on disk, a rerun grades the rest
+            f.cancel()
+        raise
+    finally:
+        if judge is not None:
+            bar.close()
+            judge.close()
+
+    grades = list({(r["id"], r["sample"]): r for r in common.read_jsonl(grade_path)}.values())
+    summary = summarize(problems, grades, args.n, breakdowns)
+    summary.update(title=title, grader=grader, source=source, columns=mapping, args=vars(args),
+                   generation_errors=sum(1 for r in {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path)
+                                                     if r["id"] in by_id and r["sample"] < args.n}.values()
+                                         if r.get("error")))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    plot_scores(os.path.join(out, "scores.png"), summary, title)
+    write_report(out, summary, vars(args), title)
+    print(format_table(summary, title), flush=True)
+    print(f"wrote {out}/report.md, summary.json, scores.png ({time.time() - t0:.0f}s)", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset == "tiny":
+        given = build_parser()  # which flags were typed: the preset fills in only the others
+        for a in given._actions:
+            a.default = argparse.SUPPRESS
+        given = vars(given.parse_args(argv))
+        for k, v in TINY.items():
+            if k not in given:
+                setattr(args, k, v)
+        if not args.model:
+            args.model = common.make_tiny_model()
+    if args.max_tokens < 0:
+        args.max_tokens = DEFAULT_MAX_TOKENS[args.scaffold]
+    if not args.out_dir:
+        name = lambda s: re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(s)) or s)  # noqa: E731
+        args.out_dir = os.path.join("runs", "eval", f"{name(args.model)}-{name(args.benchmark)}-{args.scaffold}")
+    if args.n < 1 or args.chunk_size < 1:
+        raise ValueError("--n and --chunk-size must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    summary = evaluate(args)
+    c = summary["counts"]
+    if c["ungraded"] or c["missing"] or summary["generation_errors"]:
+        print(f"incomplete: {c['ungraded']} grades failed, {c['missing']} samples missing, "
+              f"{summary['generation_errors']} generation errors; rerun the same command to finish",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
