@@ -1,1 +1,1116 @@
-"""(stage under construction; see the issue tracker)"""
+"""Stages 2 and 3 of QED-Nano: RL with rubric rewards, asynchronous rollouts and reasoning-cache training.
+
+    python rl.py --model runs/sft/final                      # one GPU: vLLM colocated, asleep during train steps
+    torchrun --nproc_per_node=8 rl.py --model runs/sft/final --engine remote \
+        --servers http://gen0:8000,http://gen1:8000 --nccl-master trainer0:29600   # FSDP2 trainer + vLLM servers
+    python rl.py --model runs/rl/final --rc-turns 3          # stage 3: RL on reasoning-cache states
+    python rl.py --preset tiny --model runs/sft-tiny/final   # CPU, tiny Qwen3, data/tiny_rl.jsonl, answer grader
+    python rl.py ... --resume                                # continue <output-dir> from its last checkpoint
+
+Generation servers for --engine remote (the trainer pushes weights after each step over NCCL, or with
+--weight-sync fs as safetensors in a shared folder that the servers reload):
+    VLLM_SERVER_DEV_MODE=1 PYTHONPATH=/path/to/qed-nano vllm serve runs/sft/final \
+        --worker-extension-cls rl.VLLMServerSync
+
+A step: a producer thread generates batches (64 problems x 16 rollouts) with the engine's current
+weights, tags every group with that policy version and starts grading it (judge calls run while the
+next batch generates). The trainer takes a batch, drops groups more than --max-lag versions old and
+groups whose rewards are all equal, sets advantage = reward - group mean and minimizes
+    loss = sum_t w_t * (-min(r_t, cap) * A * logp_t + beta * kl_t - entropy_coef * H_t),
+    r_t = exp(logp_t - logp_sampler_t),  w_t = 1 / (sequences per step)  on completion tokens,
+with kernels.linear_policy_loss on the final hidden states (no (tokens, vocab) logits), takes an AdamW
+step and pushes the weights to the engine. Output dir: args.json, metrics.jsonl (one record per step),
+rollouts.jsonl (a few samples per step), step_NNNNN/ and final/ (Hugging Face layout + resume state),
+reward_curve.png.
+"""
+
+import argparse
+import copy
+import json
+import os
+import queue
+import random
+import shutil
+import threading
+import time
+from collections import Counter
+from functools import lru_cache
+
+import torch
+
+import common
+from common import print0
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------
+# CLI (defaults = the published recipe, shared/RECIPE.md)
+
+TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_rl.jsonl"), problems_per_step=8,
+            samples_per_problem=8, max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0, engine="hf",
+            device="cpu", lr=2e-4, max_steps=20, max_lag=1, pack_tokens=4096,
+            gradient_checkpointing=False, reward="answer", rc_summarizer="policy", rc_summary_tokens=24,
+            save_every=10, output_dir="runs/rl-tiny", log_rollouts=2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="RL for proof writing (QED-Nano stages 2-3)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=["none", "tiny"], default="none",
+                   help="tiny: CPU run of the tiny Qwen3 on data/tiny_rl.jsonl (flags given explicitly still win)")
+    # ---- model and data
+    p.add_argument("--model", default="runs/sft/final", help="policy to start from: SFT checkpoint folder or hub id")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
+    p.add_argument("--data", default="lm-provers/FineProofs-RL", help="hub id or .jsonl/.json/.parquet file")
+    p.add_argument("--data-split", default="train")
+    p.add_argument("--data-config", default=None)
+    p.add_argument("--max-problems", type=int, default=-1, help="use the first N rows; -1 = all")
+    p.add_argument("--prompt", default="none", help="'none' = the problem text is the user message (as in the SFT "
+                   "data); else prompts/<name>.txt with a {problem} slot")
+    # ---- rollouts
+    p.add_argument("--problems-per-step", type=int, default=64)
+    p.add_argument("--samples-per-problem", type=int, default=16, help="group size of the advantage baseline")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--top-k", type=int, default=20, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=49152, help="tokens per rollout")
+    p.add_argument("--max-lag", type=int, default=5, help="drop groups made by weights more than this many steps "
+                   "older than the ones being trained; 0 = fully synchronous")
+    p.add_argument("--fill-batch", action="store_true", help="after dropping zero-variance groups, keep sampling "
+                   "until the step has its --problems-per-step groups (at most --max-fill-batches extra batches)")
+    p.add_argument("--max-fill-batches", type=int, default=4)
+    p.add_argument("--reward-tol", type=float, default=1e-6, help="a group whose rewards span <= this is dropped")
+    # ---- engine
+    p.add_argument("--engine", choices=["vllm", "hf", "remote"], default="vllm",
+                   help="vllm: in-process, colocated, asleep during train steps; hf: rc_decode's HF engine on a "
+                   "snapshot of the policy (CPU, tests); remote: vLLM servers (--servers)")
+    p.add_argument("--servers", default="", help="comma-separated base URLs of vLLM servers, e.g. http://gen0:8000")
+    p.add_argument("--served-model", default="", help="model name the servers serve ('' = --model)")
+    p.add_argument("--weight-sync", choices=["nccl", "fs"], default="nccl", help="how --engine remote gets weights")
+    p.add_argument("--sync-dir", default="", help="shared folder for --weight-sync fs ('' = <output-dir>/sync)")
+    p.add_argument("--nccl-master", default="", help="host:port at which the servers reach the trainer (nccl sync)")
+    p.add_argument("--server-gpus", type=int, default=1, help="GPUs per vLLM server (its tensor-parallel size)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
+    p.add_argument("--max-model-len", type=int, default=0, help="vLLM context length; 0 = the model's")
+    # ---- reward
+    p.add_argument("--reward", choices=["auto", "judge", "answer"], default="auto",
+                   help="judge: rubric grade / 7 from judge.py; answer: last \\boxed{} vs the 'answer' column; "
+                   "auto: answer if the data has an 'answer' column")
+    p.add_argument("--judge-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"))
+    p.add_argument("--judge-model", default="openai/gpt-oss-20b")
+    p.add_argument("--judge-reasoning-effort", default="medium")
+    p.add_argument("--judge-prompt", default="marking_scheme", help="prompts/judge_<name>.txt")
+    p.add_argument("--judge-concurrency", type=int, default=256)
+    p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge call")
+    p.add_argument("--judge-retries", type=int, default=4, help="retries per judge call (inside judge.py)")
+    p.add_argument("--group-retries", type=int, default=1, help="re-grade a group's failed items this many more "
+                   "times, then skip the group (counted, never scored)")
+    # ---- loss
+    p.add_argument("--loss", choices=["truncate", "ppo"], default="truncate",
+                   help="truncate: -min(r, ratio_cap) * A * logp; ppo: two-sided clip with --clip-low/--clip-high")
+    p.add_argument("--ratio-cap", type=float, default=2.0, help="cap of the truncated importance ratio")
+    p.add_argument("--clip-low", type=float, default=0.2)
+    p.add_argument("--clip-high", type=float, default=0.2, help="0.28 = DAPO's clip-higher")
+    p.add_argument("--agg", choices=["seq-sum", "token-mean", "seq-mean"], default="seq-sum",
+                   help="seq-sum: token losses summed / sequences per step (the recipe); token-mean; seq-mean")
+    p.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (GRPO)")
+    p.add_argument("--kl-beta", type=float, default=0.0, help="weight of a k3 KL to the frozen start policy; 0 = none")
+    p.add_argument("--entropy-coef", type=float, default=1e-4)
+    p.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps over each batch")
+    p.add_argument("--logp-temperature", type=float, default=-1.0, help="temperature of the trained log-probs; "
+                   "-1 = --temperature (the sampling distribution, as the engines report it)")
+    # ---- optimization
+    p.add_argument("--lr", type=float, default=1e-6, help="constant after --warmup-steps")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--adam-betas", default="0.9,0.999")
+    p.add_argument("--grad-clip", type=float, default=0.3, help="max global grad norm; 0 = off")
+    p.add_argument("--max-steps", type=int, default=150, help="trainer steps (one batch of groups each)")
+    # ---- reasoning cache (stage 3)
+    p.add_argument("--rc-turns", type=int, default=0, help="0 = plain RL; 3 = RL on RC states (no summary, S1..S3)")
+    p.add_argument("--rc-states-per-problem", type=int, default=2, help="states sampled per problem, a group each")
+    p.add_argument("--rc-summarizer", default="Qwen/Qwen3-4B-Instruct-2507", help="frozen summarizer (loaded with "
+                   "--engine's kind); 'policy' = the policy summarizes itself")
+    p.add_argument("--rc-summarizer-url", default="", help="an OpenAI-compatible server of the summarizer instead")
+    p.add_argument("--rc-summary-tokens", type=int, default=2048)
+    p.add_argument("--rc-summary-temperature", type=float, default=0.7)
+    p.add_argument("--rc-reason-tokens", type=int, default=-1, help="budget of each RC reasoning turn; -1 = "
+                   "--max-new-tokens")
+    # ---- efficiency
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute precision; auto = bf16 "
+                   "on CUDA, fp32 on CPU. Weights and AdamW state stay fp32 (lr 1e-6 updates vanish in bf16)")
+    p.add_argument("--pack-tokens", type=int, default=65536, help="tokens per packed micro-batch (a longer sequence "
+                   "gets one of its own)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=int, default=0, help="0 = 2 * rank")
+    p.add_argument("--lora-targets", default="all-linear")
+    # ---- output
+    p.add_argument("--output-dir", default="runs/rl")
+    p.add_argument("--save-every", type=int, default=10, help="steps between checkpoints; 0 = only at the end")
+    p.add_argument("--keep-last", type=int, default=2, help="step checkpoints kept; -1 = all")
+    p.add_argument("--resume", action="store_true", help="continue <output-dir> from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete a run already in <output-dir> and start over")
+    p.add_argument("--stop-after", type=int, default=-1, help="save and exit after this step (to be --resume'd); -1 = "
+                   "run to --max-steps")
+    p.add_argument("--log-rollouts", type=int, default=2, help="sample texts per step written to rollouts.jsonl")
+    p.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (off by default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    if args.preset == "tiny":
+        p.set_defaults(**TINY)
+        args = p.parse_args(argv)
+    if args.logp_temperature < 0:
+        args.logp_temperature = args.temperature if args.temperature > 0 else 1.0
+    if args.rc_reason_tokens < 0:
+        args.rc_reason_tokens = args.max_new_tokens
+    args.lora_alpha = args.lora_alpha or 2 * args.lora_r
+    for name in ("problems_per_step", "max_steps", "ppo_epochs", "pack_tokens", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.samples_per_problem < 2:
+        raise ValueError("--samples-per-problem must be >= 2: the advantage is reward - group mean")
+    if args.max_lag < 0:
+        raise ValueError("--max-lag must be >= 0 (0 = synchronous)")
+    if args.engine == "remote" and not args.servers:
+        raise ValueError("--engine remote needs --servers http://host:port[,http://host2:port]")
+    if args.engine == "remote" and args.weight_sync == "nccl" and not args.nccl_master:
+        raise ValueError("--weight-sync nccl needs --nccl-master host:port (reachable from the servers), or use "
+                         "--weight-sync fs with a shared --sync-dir")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: problems and the batch order
+
+
+def load_problems(args):
+    """[{problem, rubric, answer}] from the dataset, and the reward kind; errors name file and column."""
+    rows = common.load_rows(args.data, split=args.data_split, config=args.data_config)
+    cols = set(rows.column_names)
+    if "problem" not in cols:
+        raise ValueError(f"{args.data}: no 'problem' column (columns: {sorted(cols)}); rl.py needs FineProofs-RL's "
+                         "layout (problem, rubrics[, answer])")
+    kind = args.reward if args.reward != "auto" else ("answer" if "answer" in cols else "judge")
+    need = "answer" if kind == "answer" else "rubrics"
+    if need not in cols:
+        raise ValueError(f"{args.data}: --reward {kind} needs a '{need}' column (columns: {sorted(cols)})")
+    out = []
+    for i, r in enumerate(rows):
+        if 0 <= args.max_problems <= len(out):
+            break
+        if not isinstance(r["problem"], str) or not r["problem"].strip():
+            continue
+        if kind == "answer" and (r["answer"] is None or not str(r["answer"]).strip()):
+            raise ValueError(f"{args.data}: row {i} has an empty 'answer'; fill it or drop the row")
+        out.append({"problem": r["problem"], "rubric": r.get("rubrics") or "",
+                    "answer": None if r.get("answer") is None else str(r["answer"])})
+    if not out:
+        raise ValueError(f"{args.data}: no usable rows (every 'problem' empty, or --max-problems 0)")
+    return out, kind
+
+
+@lru_cache(maxsize=8)
+def _epoch_order(n, seed, epoch):
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batch_rows(n_rows, batch_index, per_batch, seed):
+    """Row indices of batch `batch_index`: consecutive slices of a fresh shuffle per epoch, so the data
+    position is one integer (the next batch index)."""
+    out = []
+    for pos in range(batch_index * per_batch, (batch_index + 1) * per_batch):
+        epoch, i = divmod(pos, n_rows)
+        out.append(_epoch_order(n_rows, seed, epoch)[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of a step (pure functions; the tests call them directly)
+
+
+def drop_stale(groups, step, max_lag):
+    """(fresh, stale): a group made by policy version v is stale at `step` when step - v > max_lag."""
+    return ([g for g in groups if step - g["version"] <= max_lag],
+            [g for g in groups if step - g["version"] > max_lag])
+
+
+def filter_groups(groups, tol=1e-6):
+    """(kept, dropped): a group whose rewards all lie within `tol` has zero advantage everywhere."""
+    flat = [max(g["rewards"]) - min(g["rewards"]) <= tol for g in groups]
+    return [g for g, f in zip(groups, flat) if not f], [g for g, f in zip(groups, flat) if f]
+
+
+def sample_rc_states(trace, k, rng):
+    """k distinct states of one RC trajectory (None = no summary, then S1, S2, ...), fewer if it has
+    fewer (a failed turn ends its states), in turn order."""
+    states = trace["states"]
+    return [states[i] for i in sorted(rng.sample(range(len(states)), min(k, len(states))))]
+
+
+def sequence_weights(lengths, agg, nominal_sequences):
+    """The token weight of each sequence's completion tokens, so that sum_t w_t loss_t is the aggregate:
+    seq-sum: 1 / nominal_sequences (a constant, the recipe); token-mean: 1 / (all completion tokens);
+    seq-mean: 1 / (len_i * number of sequences)."""
+    if agg == "seq-sum":
+        return [1.0 / nominal_sequences] * len(lengths)
+    if agg == "token-mean":
+        return [1.0 / max(1, sum(lengths))] * len(lengths)
+    if agg == "seq-mean":
+        return [1.0 / (max(1, n) * len(lengths)) for n in lengths]
+    raise ValueError(f"unknown --agg {agg!r}")
+
+
+def plan_microbatches(seqs, world_size, max_tokens):
+    """[rank][micro] -> [seq]: sequences go longest first to the least-loaded rank, then each rank's
+    share is packed into micro-batches of <= max_tokens tokens. Every rank gets the same number of
+    micro-batches (empty ones pad: FSDP needs the same forwards on every rank)."""
+    load, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for s in sorted(seqs, key=lambda s: -s["num_tokens"]):
+        r = min(range(world_size), key=lambda i: load[i])
+        shares[r].append(s)
+        load[r] += s["num_tokens"]
+    plans = []
+    for share in shares:
+        micro, n = [], max_tokens
+        for s in share:
+            if n + s["num_tokens"] > max_tokens:
+                micro.append([])
+                n = 0
+            micro[-1].append(s)
+            n += s["num_tokens"]
+        plans.append(micro)
+    most = max(1, max(len(m) for m in plans))
+    return [m + [[] for _ in range(most - len(m))] for m in plans]
+
+
+def make_microbatch(seqs, pad_id, device):
+    """One packed row: input_ids/position_ids (1, T) (positions restart per sequence, which transformers
+    turns into a block-diagonal mask), tmask (T,) True where position t predicts completion token t+1,
+    cu (S+1,) sequence offsets, advantages (S,), and per completion token targets/old_logp/weights/
+    ref_logp (N,). No sequences: a 2-token dummy with weight 0 (a rank without data still runs FSDP's
+    collectives)."""
+    if not seqs:
+        seqs = [{"prompt_ids": [pad_id], "completion_ids": [pad_id], "old_logp": [0.0], "weight": 0.0,
+                 "advantage": 0.0}]
+    ids, pos, comp, cu, targets, old, w, ref = [], [], [], [0], [], [], [], []
+    for s in seqs:
+        p, c = s["prompt_ids"], s["completion_ids"]
+        ids += p + c
+        pos += list(range(len(p) + len(c)))
+        comp += [False] * len(p) + [True] * len(c)
+        cu.append(len(ids))
+        targets += c
+        old += s["old_logp"]
+        w += [s["weight"]] * len(c)
+        ref += s.get("ref_logp") or [0.0] * len(c)
+    f32 = dict(dtype=torch.float32, device=device)
+    return {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([pos], device=device),
+            "tmask": torch.tensor(comp[1:] + [False], device=device), "cu": torch.tensor(cu, device=device),
+            "advantages": torch.tensor([s["advantage"] for s in seqs], **f32),
+            "targets": torch.tensor(targets, device=device), "old_logp": torch.tensor(old, **f32),
+            "weights": torch.tensor(w, **f32), "ref_logp": torch.tensor(ref, **f32), "num_tokens": len(ids)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model pieces: final hidden states through a hook (so FSDP2's root hooks run), the lm head, the loss
+
+
+def unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def tap_hidden(model):
+    """Each forward leaves the final-norm output (1, T, H) in the returned dict under 'h'."""
+    box = {}
+    unwrap(model).model.norm.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", out))
+    return box
+
+
+def completion_hidden(model, tap, mb):
+    """(N, H) hidden states at the positions that predict completion tokens. logits_to_keep=1 keeps the
+    model's own lm head to one row; the kernels apply the head to these rows."""
+    model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], logits_to_keep=1, use_cache=False)
+    return tap.pop("h")[0][mb["tmask"]]
+
+
+def head_weight(model):
+    return unwrap(model).get_output_embeddings().weight  # (V, H); FSDP2: unsharded after the root forward
+
+
+def policy_loss(hidden, weight, mb, args):
+    """(loss, stats) of a packed micro-batch given its completion rows' hidden states (N, H) and the lm
+    head (V, H), through kernels.linear_policy_loss; the flags pick the variant."""
+    from kernels import broadcast_advantages, linear_policy_loss
+
+    adv = broadcast_advantages(mb["advantages"], mb["cu"], mb["tmask"])[mb["tmask"]]  # (N,)
+    return linear_policy_loss(hidden, weight.to(hidden.dtype), mb["targets"], advantages=adv, old_logp=mb["old_logp"],
+                              token_weights=mb["weights"], ref_logp=mb["ref_logp"] if args.kl_beta > 0 else None,
+                              temperature=args.logp_temperature, ratio_mode=args.loss, ratio_cap=args.ratio_cap,
+                              clip_low=args.clip_low, clip_high=args.clip_high, kl_beta=args.kl_beta,
+                              entropy_coef=args.entropy_coef)
+
+
+def microbatch_loss(model, tap, mb, args):
+    return policy_loss(completion_hidden(model, tap, mb), head_weight(model), mb, args)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tap, seqs, temperature, pad_id, max_tokens):
+    """Per sequence, the list of its completion tokens' log-probs under `model` (sampler or reference)."""
+    from kernels import linear_logprob
+
+    device = next(model.parameters()).device
+    for s in seqs:
+        s.setdefault("num_tokens", len(s["prompt_ids"]) + len(s["completion_ids"]))
+    for micro in plan_microbatches(seqs, 1, max_tokens)[0]:
+        mb = make_microbatch(micro, pad_id, device)
+        hidden = completion_hidden(model, tap, mb)
+        lp = linear_logprob(hidden, head_weight(model).to(hidden.dtype), mb["targets"],
+                            temperature=temperature).float().cpu().tolist()
+        for s in micro:
+            s["_lp"], lp = lp[:len(s["completion_ids"])], lp[len(s["completion_ids"]):]
+    return [s.pop("_lp") for s in seqs]
+
+
+def full_state_dict(model):
+    """{name: full tensor}: gathers FSDP2 shards (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
+
+
+def hf_state_dict(sd, lora_scale):
+    """Plain Hugging Face names for vLLM; a LoRA policy's adapters are merged: W + scale * B @ A."""
+    if not lora_scale:
+        return sd
+    out = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in sd.items() if "lora_" not in k}
+    for k in [k for k in sd if k.endswith("lora_A.default.weight")]:
+        a, b = sd[k].float(), sd[k.replace("lora_A", "lora_B")].float()
+        name = k.replace("base_model.model.", "").replace(".lora_A.default.weight", ".weight")
+        out[name] = (out[name].float() + lora_scale * (b @ a)).to(out[name].dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts: a producer thread at most 1 + max_lag batches ahead of the trainer
+
+
+class Rollouts:
+    """Makes batches in a thread. Batch c may start once granted: the trainer starts with 1 + max_lag
+    grants and adds one per finished step and per extra fill batch, so with --max-lag 0 every batch is
+    generated by the newest weights. `version` = the trainer step whose weights the engine holds; each
+    group records it. `lock` guards the engine: the producer holds it while generating, the trainer
+    while it swaps weights (and, with colocated vLLM, while it trains)."""
+
+    def __init__(self, make_batch, first_batch, max_lag, version):
+        self.make_batch, self.next_batch, self.version = make_batch, first_batch, version
+        self.allowed = first_batch + 1 + max_lag
+        self.q, self.cond, self.lock, self.stopped = queue.Queue(), threading.Condition(), threading.Lock(), False
+        self.thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.stopped or self.next_batch < self.allowed)
+                    if self.stopped:
+                        return
+                    index, self.next_batch = self.next_batch, self.next_batch + 1
+                self.q.put(self.make_batch(index, self))
+        except BaseException as e:  # handed to the trainer, which saves a checkpoint and stops
+            self.q.put(e)
+
+    def grant(self, n=1):
+        with self.cond:
+            self.allowed += n
+            self.cond.notify_all()
+
+    def get(self):
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"rollout generation failed: {item!r}") from item
+        return item
+
+    def stop(self):
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join(timeout=600)
+
+
+class SplitEngine:
+    """Several engines (one per vLLM server) behind one generate(): prompts are split evenly."""
+
+    def __init__(self, engines):
+        self.engines, self.tokenizer, self.context_length = engines, None, None
+
+    def generate(self, prompts, sampling, thinking=True, progress=None):
+        import dataclasses
+        from concurrent.futures import ThreadPoolExecutor
+
+        k = -(-len(prompts) // len(self.engines))
+        parts = [(e, prompts[i * k:(i + 1) * k], i * k) for i, e in enumerate(self.engines)]
+        with ThreadPoolExecutor(len(parts)) as ex:
+            outs = ex.map(lambda x: x[0].generate(x[1], sampling if sampling.seed is None else dataclasses.replace(
+                sampling, seed=sampling.seed + x[2]), thinking=thinking, progress=progress), parts)
+            return [c for o in outs for c in o]
+
+
+def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, tokenizer, template, rewards):
+    """One batch of groups (RC states first if --rc-turns), with sampling log-probs; grading started."""
+    from rc_decode import Sampling, reasoning_messages, run_rc
+
+    rows = batch_rows(len(problems), index, args.problems_per_step, args.seed)
+    seed, n = args.seed * 1_000_003 + index * 7919, args.samples_per_problem
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=seed)
+    t0 = time.time()
+    with ro.lock:
+        version, specs = ro.version, [(r, None) for r in rows]  # (row, summary state) per group
+        if args.rc_turns > 0:
+            traces = run_rc([problems[r]["problem"] for r in rows], engine, summarizer=summarizer or engine,
+                            turns=args.rc_turns, progress=False,
+                            reason_sampling=Sampling(args.rc_reason_tokens, args.temperature, args.top_p,
+                                                     args.top_k, seed=seed + 1),
+                            summary_sampling=Sampling(args.rc_summary_tokens, args.rc_summary_temperature, 0.8, 20,
+                                                      seed=seed + 2))
+            rng = random.Random(seed)
+            specs = [(r, s) for r, tr in zip(rows, traces) for s in sample_rc_states(tr, args.rc_states_per_problem, rng)]
+        t_rc = time.time() - t0
+        prompts = []
+        for r, state in specs:
+            text = problems[r]["problem"] if template is None else template.format(problem=problems[r]["problem"])
+            msgs = reasoning_messages(problems[r]["problem"], summary=state) if args.rc_turns else \
+                [{"role": "user", "content": text}]
+            prompts += [msgs] * n
+        comps = engine.generate(prompts, sampling, thinking=True)
+        groups = []
+        for gi, (r, state) in enumerate(specs):
+            samples = []
+            for c in comps[gi * n:(gi + 1) * n]:
+                if c.finish_reason != "error" and (c.token_ids is None or c.prompt_token_ids is None):
+                    raise RuntimeError("the engine returned no token ids; rl.py trains on the sampled tokens "
+                                       "(the openai engine must pass vLLM's return_token_ids)")
+                samples.append({"prompt_ids": list(c.prompt_token_ids or []), "completion_ids": list(c.token_ids or []),
+                                "text": c.text, "old_logp": c.logprobs, "finish_reason": c.finish_reason})
+            groups.append({"row": r, "state": state, "version": version, "samples": samples,
+                           "failed": any(s["finish_reason"] == "error" for s in samples)})
+        need = [s for g in groups if not g["failed"] for s in g["samples"] if s["old_logp"] is None]
+        if need and snapshot is None:
+            raise RuntimeError("the engine returned no log-probs for the importance ratio; use --engine hf or an "
+                               "engine that reports them")
+        if need:  # exact sampling log-probs from the very weights that generated
+            for s, lp in zip(need, sequence_logprobs(*snapshot, need, args.logp_temperature,
+                                                     tokenizer.pad_token_id, args.pack_tokens)):
+                s["old_logp"] = lp
+    batch = {"index": index, "version": version, "groups": groups, "rc_s": t_rc, "gen_s": time.time() - t0 - t_rc,
+             "gen_tokens": sum(len(s["completion_ids"]) for g in groups for s in g["samples"])}
+    batch["grading"] = rewards.start([g for g in groups if not g["failed"]])  # runs while the next batch generates
+    return batch
+
+
+class Rewards:
+    """Final-answer rewards (computed at once) or judge grades (judge.submit futures resolved by the
+    trainer; failed items are re-graded --group-retries times, then their group is skipped)."""
+
+    def __init__(self, kind, problems, args):
+        self.kind, self.problems, self.args, self.judge = kind, problems, args, None
+        if kind == "judge":
+            from judge import Judge
+
+            self.judge = Judge(args.judge_url, args.judge_model, prompt=args.judge_prompt,
+                               cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"),
+                               concurrency=args.judge_concurrency, timeout=args.judge_timeout,
+                               max_retries=args.judge_retries, reasoning_effort=args.judge_reasoning_effort)
+
+    def items(self, g):
+        p = self.problems[g["row"]]
+        return [{"problem": p["problem"], "proof": s["text"], "rubric": p["rubric"], "reference": p["answer"]}
+                for s in g["samples"]]
+
+    def start(self, groups):
+        if self.kind == "answer":
+            from judge import answer_reward
+
+            for g in groups:
+                g["rewards"] = [answer_reward(s["text"], self.problems[g["row"]]["answer"]) for s in g["samples"]]
+                g["scores"] = [round(7 * x) for x in g["rewards"]]
+            return None
+        return {"groups": groups, "t0": time.time(),
+                "future": self.judge.submit([it for g in groups for it in self.items(g)])}
+
+    def finish(self, grading, stats):
+        """Fill in the judge's rewards; a group with a grade still failed after retries is marked failed."""
+        if grading is None:
+            return
+        t0 = time.time()
+        grades, n = grading["future"].result(), self.args.samples_per_problem
+        for gi, g in enumerate(grading["groups"]):
+            gs = grades[gi * n:(gi + 1) * n]
+            for _ in range(self.args.group_retries):
+                bad = [i for i, x in enumerate(gs) if x.error]
+                if not bad:
+                    break
+                stats["judge_regraded"] += len(bad)
+                for i, x in zip(bad, self.judge.grade([self.items(g)[i] for i in bad])):
+                    gs[i] = x
+            fresh = [x for x in gs if not x.cached and not x.truncated]
+            stats["judge_calls"] += len(fresh)
+            stats["judge_latency_s"] += sum(x.latency_s for x in fresh)
+            stats["judge_failures"] += sum(1 for x in gs if x.error)
+            stats["judge_parse_failed"] += sum(1 for x in gs if x.parse_failed)
+            if any(x.error for x in gs):
+                g["failed"] = True
+                continue
+            g["rewards"] = [float(x.reward) for x in gs]
+            g["scores"] = [x.score or 0 for x in gs]
+        stats["grade_wait_s"] += time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sync to the engine, and the worker extension that --engine remote servers load
+
+
+def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
+    """Every rank calls this (gathering FSDP2 shards is a collective); rank 0 pushes."""
+    if args.engine == "hf" and lora_scale:  # adapter-only sync: the snapshot is a peft model too
+        if rank == 0:
+            snapshot[0].load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+        return
+    sd = full_state_dict(model)
+    if rank != 0:
+        return
+    if args.engine == "hf":
+        snapshot[0].load_state_dict(sd)
+    else:  # vLLM serves bf16: send half the bytes
+        sd = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(sd, lora_scale).items()}
+        if args.engine == "vllm":
+            engine.load_weights(sd.items())
+        else:
+            push_remote(args, sd, version)
+
+
+_NCCL = {}
+
+
+def push_remote(args, sd, version):
+    """--engine remote: NCCL broadcast into VLLMServerSync.qed_nccl_recv, or safetensors the servers reload."""
+    import httpx
+
+    urls = [u.strip().rstrip("/") for u in args.servers.split(",") if u.strip()]
+
+    def rpc(url, method, *a):
+        r = httpx.post(f"{url}/collective_rpc", json={"method": method, "args": [str(x) for x in a]}, timeout=3600)
+        if r.status_code != 200:
+            raise RuntimeError(f"vLLM server {url} refused {method} (HTTP {r.status_code}: {r.text[:300]}); start it "
+                               "with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
+
+    def on_all(method, per_url):  # per_url: the rpc arguments of each server
+        ts = [threading.Thread(target=rpc, args=(u, method, *a)) for u, a in zip(urls, per_url)]
+        for t in ts:
+            t.start()
+        return ts
+
+    if args.weight_sync == "fs":
+        from safetensors.torch import save_file
+
+        path = os.path.abspath(os.path.join(args.sync_dir or os.path.join(args.output_dir, "sync"), f"v{version:05d}"))
+        os.makedirs(path, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
+        for t in on_all("qed_load_dir", [[path]] * len(urls)):
+            t.join()
+        return
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    if "comm" not in _NCCL:  # one group: the trainer (rank 0) and every server GPU
+        host, port = args.nccl_master.rsplit(":", 1)
+        world = 1 + len(urls) * args.server_gpus
+        ts = on_all("qed_nccl_init", [[host, port, 1 + i * args.server_gpus, world] for i in range(len(urls))])
+        pg = StatelessProcessGroup.create(host=host, port=int(port), rank=0, world_size=world)
+        _NCCL["comm"] = PyNcclCommunicator(pg, device=torch.cuda.current_device())
+        for t in ts:
+            t.join()
+    ts = on_all("qed_nccl_recv", [[json.dumps([[k, str(v.dtype)[6:], list(v.shape)] for k, v in sd.items()])]] * len(urls))
+    for v in sd.values():
+        _NCCL["comm"].broadcast(v.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
+    for t in ts:
+        t.join()
+
+
+class VLLMServerSync:
+    """vLLM worker extension for --engine remote (`vllm serve ... --worker-extension-cls rl.VLLMServerSync`):
+    what the trainer calls through /collective_rpc (string arguments) to load new weights."""
+
+    def _qed_load(self, items):
+        model = self.model_runner.model
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        model.load_weights(weights=[(k, v) for k, v in items if not (tied and k == "lm_head.weight")])
+
+    def qed_load_dir(self, path):
+        from safetensors.torch import load_file
+
+        self._qed_load(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)).items())
+
+    def qed_nccl_init(self, host, port, rank_offset, world_size):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.parallel_state import get_world_group
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        pg = StatelessProcessGroup.create(host=host, port=int(port), rank=get_world_group().rank + int(rank_offset),
+                                          world_size=int(world_size))
+        self._qed_comm = PyNcclCommunicator(pg, device=self.device)
+
+    def qed_nccl_recv(self, meta_json):
+        for name, dtype, shape in json.loads(meta_json):
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self._qed_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            self._qed_load([(name, t)])
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: Hugging Face layout + resume state (optimizer shards as safetensors: no pickles)
+
+
+def optimizer_tensors(opt, model):
+    from torch.distributed.tensor import DTensor
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {f"{names[id(p)]}::{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v)}
+
+
+def load_optimizer_tensors(opt, model, tensors):
+    from torch.distributed.tensor import DTensor
+
+    by_param = {}
+    for key, v in tensors.items():
+        name, k = key.split("::", 1)
+        by_param.setdefault(name, {})[k] = v
+    for name, p in model.named_parameters():
+        st = by_param.get(name)
+        if not st:
+            continue
+        for k, v in st.items():
+            if isinstance(p, DTensor) and v.dim() > 0:
+                if tuple(v.shape) != tuple(p.to_local().shape):
+                    raise ValueError(f"--resume: the optimizer shard of {name} has shape {tuple(v.shape)} but this "
+                                     f"run's is {tuple(p.to_local().shape)}: resume with the same number of processes")
+                st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
+            elif v.dim() > 0:
+                st[k] = v.to(p.device)
+        opt.state[p] = st
+
+
+def save_checkpoint(path, model, tokenizer, opt, state, args, rank, world_size):
+    """<path>/: the model (or the LoRA adapter) via save_pretrained, tokenizer, state.json (step, data
+    position, args), rng.safetensors, optim_rank<r>.safetensors. Written to <path>.tmp, then renamed."""
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    sd = None if args.lora_r else full_state_dict(model)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if args.lora_r:
+            model.save_pretrained(tmp)
+        else:
+            unwrap(model).save_pretrained(tmp, state_dict={k: v.cpu() for k, v in sd.items()})
+        tokenizer.save_pretrained(tmp)
+        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "python_rng": list(random.getstate()[1]), "args": vars(args)}, f)
+    _barrier(world_size)
+    save_file(optimizer_tensors(opt, model) or {"_empty": torch.zeros(1)}, os.path.join(tmp, f"optim_rank{rank}.safetensors"))
+    _barrier(world_size)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        with open(os.path.join(args.output_dir, "latest"), "w") as f:
+            f.write(os.path.basename(path))
+        steps = sorted(d for d in os.listdir(args.output_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        for d in steps[:-args.keep_last] if args.keep_last > 0 else []:
+            shutil.rmtree(os.path.join(args.output_dir, d), ignore_errors=True)
+    _barrier(world_size)
+
+
+def _barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def prepare_output_dir(args, rank, world_size):
+    """The checkpoint to resume from (or None); refuses to overwrite a run unless asked."""
+    marker = os.path.join(args.output_dir, "latest")
+    if args.resume:
+        if not os.path.exists(marker):
+            raise ValueError(f"--resume: no checkpoint in {args.output_dir} (no 'latest' file); run without --resume")
+        return os.path.join(args.output_dir, open(marker).read().strip())
+    if os.path.exists(marker) and not args.overwrite:
+        raise ValueError(f"{args.output_dir} already holds a run: pass --resume to continue it or --overwrite")
+    _barrier(world_size)
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    _barrier(world_size)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One step: collect groups (rank 0), train (all ranks)
+
+
+def collect(step, ro, rewards, args, target_groups, stats):
+    """Rank 0: take batches until this step has its groups. Returns (groups to train, all graded groups)."""
+    groups, graded, fills = [], [], 0
+    while True:
+        t0 = time.time()
+        batch = ro.get()
+        stats["wait_s"] += time.time() - t0
+        for k in ("gen_s", "rc_s", "gen_tokens"):
+            stats[k] += batch[k]
+        rewards.finish(batch["grading"], stats)
+        ok = [g for g in batch["groups"] if not g["failed"]]
+        stats["groups_total"] += len(batch["groups"])
+        stats["groups_failed"] += len(batch["groups"]) - len(ok)
+        fresh, stale = drop_stale(ok, step, args.max_lag)
+        stats["groups_stale"] += len(stale)
+        kept, flat = filter_groups(fresh, args.reward_tol)
+        stats["groups_zero_var"] += len(flat)
+        groups, graded = groups + kept, graded + fresh
+        for g in fresh:
+            stats["lag_sum"] += step - g["version"]
+            stats["lag_max"] = max(stats["lag_max"], step - g["version"])
+        if not args.fill_batch or len(groups) >= target_groups or fills >= args.max_fill_batches:
+            return groups[:target_groups], graded, batch["index"] + 1
+        fills += 1
+        stats["fill_batches"] += 1
+        ro.grant(1)  # the extra batch replaces the one just used
+
+
+def training_sequences(groups, args, nominal, world_size):
+    """Advantages (kernels.group_advantages) and token weights -> flat sequence dicts for packing."""
+    from kernels import group_advantages
+
+    if not groups:
+        return []
+    rewards = torch.tensor([x for g in groups for x in g["rewards"]], dtype=torch.float32)
+    adv = group_advantages(rewards, args.samples_per_problem, scale_by_std=args.adv_std).tolist()
+    samples = [s for g in groups for s in g["samples"]]
+    weights = sequence_weights([len(s["completion_ids"]) for s in samples], args.agg, nominal)
+    out = []
+    for s, a, w in zip(samples, adv, weights):
+        if len(s["old_logp"]) != len(s["completion_ids"]):
+            raise RuntimeError(f"the engine gave {len(s['old_logp'])} log-probs for {len(s['completion_ids'])} tokens")
+        # FSDP averages gradients over ranks; the weights already normalize globally, so undo the mean
+        out.append({"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"], "old_logp": s["old_logp"],
+                    "advantage": a, "weight": w * world_size,
+                    "num_tokens": len(s["prompt_ids"]) + len(s["completion_ids"])})
+    return out
+
+
+def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad_id, device):
+    """--ppo-epochs optimizer steps over this rank's micro-batches. Returns (sums tensor, grad norm)."""
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    def autocast():  # bf16 compute over the fp32 master weights
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    micro = [make_microbatch(m, pad_id, device) for m in micro_seqs]
+    if ref is not None:
+        for m, mb in zip(micro_seqs, micro):
+            if m:
+                with autocast():
+                    lps = sequence_logprobs(ref, ref_tap, m, args.logp_temperature, pad_id, args.pack_tokens)
+                mb["ref_logp"] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32, device=device)
+    # tokens, entropy, clipped, ratio, kl, loss, max ratio, -min ratio (first pass: the sampler's batch)
+    sums = torch.tensor([0.0] * 6 + [-1e30, -1e30], dtype=torch.float64)
+    gnorm = torch.zeros(())
+    for epoch in range(args.ppo_epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        for mb in micro:
+            with autocast():
+                loss, st = microbatch_loss(policy, tap, mb, args)
+            loss.backward()
+            real = mb["weights"] != 0
+            if epoch == 0 and real.any():
+                r = st["ratio"][real].double()
+                sums[:6] += torch.stack([real.sum().double(), st["entropy"][real].double().sum(),
+                                         st["clipped"][real].double().sum(), r.sum(),
+                                         st["kl"][real].double().sum() if "kl" in st else torch.zeros((), dtype=torch.float64),
+                                         loss.detach().double()])
+                sums[6], sums[7] = max(sums[6], r.max()), max(sums[7], -r.min())
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        opt.step()
+    return sums, float(gnorm), sum(mb["num_tokens"] for mb in micro)
+
+
+def step_metrics(graded, stats):
+    """Rewards/scores/lengths over every graded group of the step (flat ones included)."""
+    samples = [s for g in graded for s in g["samples"]]
+    rewards, scores = [x for g in graded for x in g["rewards"]], [x for g in graded for x in g["scores"]]
+    lens, n = [len(s["completion_ids"]) for s in samples], max(1, len(samples))
+    return {"reward_mean": sum(rewards) / n, "solve_rate": sum(1 for x in scores if x == 7) / n,
+            "score_hist": [scores.count(k) for k in range(8)], "response_len_mean": sum(lens) / n,
+            "response_len_max": max(lens, default=0),
+            "truncation_rate": sum(1 for s in samples if s["finish_reason"] == "length") / n,
+            "no_think_end_rate": sum(1 for s in samples if "</think>" not in s["text"]) / n,
+            **{k: v for k, v in stats.items() if k not in ("lag_sum", "judge_latency_s")},
+            "policy_lag_mean": stats["lag_sum"] / max(1, len(graded)),
+            "judge_latency_mean_s": stats["judge_latency_s"] / max(1, stats["judge_calls"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def main(args):
+    rank, _, world_size, device = common.compute_init(args.device)
+    common.set_seed(args.seed)
+    if args.lora_r and world_size > 1:
+        raise ValueError("--lora-r is a one-process option (python rl.py ...); drop it under torchrun")
+    if world_size > 1 and args.engine == "vllm":
+        raise ValueError("under torchrun use --engine remote (vLLM servers) or --engine hf; colocated vLLM is "
+                         "for python rl.py on one GPU")
+    ckpt = prepare_output_dir(args, rank, world_size)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    wandb = None
+    if args.wandb_project and rank == 0:
+        import wandb
+
+        wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir)
+
+    # ---- tokenizer and model (a resumed full fine-tune reloads its checkpoint's weights)
+    if args.model == common.TINY_MODEL_DIR and rank == 0:
+        common.make_tiny_model()
+    _barrier(world_size)
+    start_from = ckpt if ckpt and not args.lora_r else args.model
+    tokenizer = common.load_tokenizer(args.tokenizer or start_from)
+    policy = common.load_model(start_from, dtype=torch.float32, device=device)  # fp32 master weights
+    if len(tokenizer) > policy.config.vocab_size:
+        raise ValueError(f"tokenizer {args.tokenizer or start_from!r} has {len(tokenizer)} tokens but the model's "
+                         f"vocabulary is {policy.config.vocab_size}: the checkpoint was trained with another "
+                         "tokenizer; pass the matching one with --tokenizer")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
+    lora_scale = args.lora_alpha / args.lora_r if args.lora_r else 0.0
+    if args.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        policy = PeftModel.from_pretrained(policy, ckpt, is_trainable=True) if ckpt else get_peft_model(
+            policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
+                               task_type="CAUSAL_LM"))
+    snapshot = None
+    if args.engine == "hf" and rank == 0:  # generation runs on a copy whose weights change only at sync points
+        snap = copy.deepcopy(policy).eval().requires_grad_(False)
+        snapshot = (snap, tap_hidden(snap))
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.lora_r:
+            policy.enable_input_require_grads()
+    policy.train()
+    if world_size > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for m in [policy] + ([ref] if ref is not None else []):
+            for layer in unwrap(m).model.layers:
+                fully_shard(layer)
+            fully_shard(m)  # the root (embeddings, norm, head) stays unsharded after forward: FSDP2's root default
+    tap, ref_tap = tap_hidden(policy), (tap_hidden(ref) if ref is not None else None)
+
+    # ---- optimizer (AdamW; constant lr after an optional linear warmup)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(float(x) for x in args.adam_betas.split(",")),
+                            weight_decay=args.weight_decay)
+    state = {"step": 0, "next_batch": 0}
+    if ckpt:
+        from safetensors.torch import load_file
+
+        load_optimizer_tensors(opt, policy, load_file(os.path.join(ckpt, f"optim_rank{rank}.safetensors")))
+        saved = json.load(open(os.path.join(ckpt, "state.json")))
+        state = {"step": saved["step"], "next_batch": saved["next_batch"]}
+        torch.set_rng_state(load_file(os.path.join(ckpt, "rng.safetensors"))["torch"])
+        random.setstate((3, tuple(saved["python_rng"]), None))
+        if rank == 0:  # metrics logged after that checkpoint belong to the abandoned future
+            rows = [r for r in common.read_jsonl(metrics_path) if r.get("step", 0) <= state["step"]]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        print0(f"resumed from {ckpt}: step {state['step']}, next batch {state['next_batch']}")
+
+    def lr_at(step):
+        return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+    # ---- data, rewards, engine and the rollout producer: rank 0 (the other ranks get each step's batch)
+    ro = engine = problems = None
+    nominal = args.problems_per_step * args.samples_per_problem * (args.rc_states_per_problem if args.rc_turns else 1)
+    if rank == 0:
+        from rc_decode import make_engine
+
+        problems, reward_kind = load_problems(args)
+        template = None if args.prompt == "none" else open(os.path.join(HERE, "prompts", args.prompt + ".txt")).read()
+        rewards = Rewards(reward_kind, problems, args)
+        if args.engine == "hf":
+            engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
+        elif args.engine == "vllm":
+            engine = make_engine("vllm", start_from, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
+                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=True,
+                                 max_model_len=args.max_model_len or None)
+        else:
+            engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
+                                              logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
+                                  for u in args.servers.split(",") if u.strip()])
+        summarizer = None
+        if args.rc_turns and args.rc_summarizer_url:
+            summarizer = make_engine("openai", args.rc_summarizer, base_url=args.rc_summarizer_url, concurrency=512)
+        elif args.rc_turns and args.rc_summarizer != "policy":
+            kind = "hf" if args.engine == "hf" else "vllm"
+            summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
+        ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=problems, engine=engine, summarizer=summarizer,
+                                               snapshot=snapshot, tokenizer=tokenizer, template=template,
+                                               rewards=rewards),
+                      state["next_batch"], args.max_lag, state["step"])
+    if ckpt and args.engine != "hf":  # the engine loaded the start weights: push the resumed ones
+        push_weights(args, policy, engine, snapshot, lora_scale, state["step"], rank)
+    print0(f"rl: {args.max_steps} steps x {nominal} rollouts | engine {args.engine} | {world_size} process(es) | "
+           f"lr {args.lr} | max lag {args.max_lag} | {args.output_dir}")
+
+    # ---- loop
+    step, stop_at = state["step"], args.max_steps if args.stop_after < 0 else min(args.max_steps, args.stop_after)
+    try:
+        while step < stop_at:
+            t_step, stats, payload = time.time(), Counter(), None
+            if rank == 0:
+                try:
+                    groups, graded, state["next_batch"] = collect(step, ro, rewards, args,
+                                                                  nominal // args.samples_per_problem, stats)
+                    seqs = training_sequences(groups, args, nominal, world_size)
+                    payload = {"plan": plan_microbatches(seqs, world_size, args.pack_tokens), "empty": not seqs}
+                except RuntimeError as e:  # tell the other ranks, so that all of them save and stop together
+                    payload = {"error": str(e)}
+                    if world_size == 1:
+                        raise
+            if world_size > 1:
+                box = [payload]
+                torch.distributed.broadcast_object_list(box, src=0)
+                payload = box[0]
+                if "error" in payload:
+                    raise RuntimeError(payload["error"])
+
+            # ---- train, then push the weights (colocated vLLM sleeps meanwhile; the lock keeps the producer off)
+            t_train = time.time()
+            colocated = rank == 0 and args.engine == "vllm"
+            if colocated:
+                ro.lock.acquire()
+                engine.llm.sleep(level=1)
+            try:
+                sums, gnorm, train_tokens = torch.zeros(8, dtype=torch.float64), 0.0, 0
+                if not payload["empty"]:
+                    sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params, payload["plan"][rank],
+                                                           args, lr_at(step), tokenizer.pad_token_id, device)
+                train_s, t_sync = time.time() - t_train, time.time()
+                if colocated:
+                    engine.llm.wake_up(tags=["weights"])
+                step += 1
+                if not payload["empty"]:
+                    if rank == 0 and not colocated:
+                        with ro.lock:  # waits for the batch being generated: its version stays truthful
+                            push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
+                            ro.version = step
+                    else:
+                        push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
+                if rank == 0:
+                    ro.version = step
+            finally:
+                if colocated:
+                    engine.llm.wake_up(tags=["kv_cache"])
+                    ro.lock.release()
+            sync_s = time.time() - t_sync
+            if rank == 0:
+                ro.grant(1)  # one more batch may start, with the new weights
+            if world_size > 1:
+                sums[6:] = sums[6:].neg()
+                torch.distributed.all_reduce(sums)  # sums over ranks; the two maxima via -min of negatives
+                extra = torch.tensor([train_tokens], dtype=torch.float64)
+                torch.distributed.all_reduce(extra)
+                train_tokens = int(extra.item())
+                sums[6:] = sums[6:].neg()
+                sums[5] /= world_size  # each rank's loss carried the x world_size of training_sequences
+
+            # ---- log
+            if rank == 0:
+                ntok = max(1.0, sums[0].item())
+                m = {"step": step, **step_metrics(graded, stats), "lr": lr_at(step - 1), "loss": sums[5].item(),
+                     "entropy": sums[1].item() / ntok, "clip_frac": sums[2].item() / ntok,
+                     "ratio_mean": sums[3].item() / ntok if sums[0] else 1.0, "ratio_max": max(sums[6].item(), 0.0),
+                     "ratio_min": -sums[7].item() if sums[0] else 1.0, "kl": sums[4].item() / ntok, "grad_norm": gnorm,
+                     "groups_trained": len(groups), "train_tokens": train_tokens, "train_s": train_s,
+                     "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
+                     "train_tok_s": train_tokens / max(1e-9, train_s), "sync_s": sync_s, "step_s": time.time() - t_step}
+                common.append_jsonl(metrics_path, m)
+                if wandb is not None:
+                    wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
+                for g in groups[:args.log_rollouts]:
+                    common.append_jsonl(os.path.join(args.output_dir, "rollouts.jsonl"), {
+                        "step": step, "problem": problems[g["row"]]["problem"], "state": g["state"],
+                        "completion": g["samples"][0]["text"], "reward": g["rewards"][0]})
+                print0(f"step {step:05d}/{args.max_steps:05d} | reward {m['reward_mean']:.3f} | solve "
+                       f"{m['solve_rate']:.2f} | len {m['response_len_mean']:.0f} | trunc {m['truncation_rate']:.2f} | "
+                       f"ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | ratio {m['ratio_mean']:.3f} | lag "
+                       f"{m['policy_lag_mean']:.1f} | groups {len(groups)}/{stats['groups_total']} (flat "
+                       f"{stats['groups_zero_var']}, failed {stats['groups_failed']}, stale {stats['groups_stale']}) | "
+                       f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {train_s:.1f}s sync "
+                       f"{sync_s:.1f}s | dt {m['step_s']:.1f}s")
+            state["step"] = step
+            if args.save_every and step % args.save_every == 0 and step < stop_at:
+                save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state,
+                                args, rank, world_size)
+    except RuntimeError:
+        if step > 0:  # keep what was paid for: pending rollouts are discarded, the weights are not
+            print0(f"stopping at step {step}: saving a checkpoint first")
+            save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state, args,
+                            rank, world_size)
+        raise
+    finally:
+        if ro is not None:
+            ro.stop()
+    final = "final" if step >= args.max_steps else f"step_{step:05d}"
+    save_checkpoint(os.path.join(args.output_dir, final), policy, tokenizer, opt, state, args, rank, world_size)
+    if rank == 0:
+        plot_rewards(metrics_path, os.path.join(args.output_dir, "reward_curve.png"))
+        print0(f"saved {os.path.join(args.output_dir, final)}")
+    if wandb is not None:
+        wandb.finish()
+    common.compute_cleanup()
+
+
+def plot_rewards(metrics_path, png_path, title="rl.py: mean reward per step"):
+    """The reward curve (mean reward per step, all graded groups) from metrics.jsonl as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in common.read_jsonl(metrics_path) if "reward_mean" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["reward_mean"] for r in rows], marker="o", ms=3, label="mean reward")
+    ax.set(xlabel="step", ylabel="reward", ylim=(-0.02, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(get_args())

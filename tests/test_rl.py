@@ -1,0 +1,363 @@
+"""rl.py: the policy-loss variants on a hand-computed example, importance-ratio truncation, packing
+against unpacked forwards, lag dropping and the producer's gating, zero-variance filtering, RC state
+sampling (also through the real HF engine and run_rc), judge outages, resume, a two-process torchrun
+run, and learning: a short SFT warm-up (sft.py) then rl.py raising the mean reward.
+"""
+
+import http.server
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+import rl  # noqa: E402
+
+
+def tiny_args(*extra):
+    return rl.get_args(["--preset", "tiny", *extra])
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss: a hand-computed example through rl.policy_loss -> kernels.linear_policy_loss
+
+# Three completion tokens over a 4-token vocabulary. weight = identity, so logits = hidden = log(p)
+# and every probability below is exact. Sequence 0 has tokens 0 and 1, sequence 1 has token 2.
+P = [[0.1, 0.4, 0.3, 0.2], [0.25, 0.25, 0.25, 0.25], [0.5, 0.2, 0.2, 0.1]]
+TARGETS = [1, 2, 0]
+RATIOS = [3.0, 1.1, 0.7]          # r = exp(logp - old_logp), chosen
+ADV = [1.0, -0.5]                 # per sequence
+REF_SHIFT = [0.5, 0.0, -0.3]      # ref_logp - logp, per token
+
+
+def hand_batch(agg, ratios=RATIOS):
+    logp = [math.log(P[t][TARGETS[t]]) for t in range(3)]
+    old = [lp - math.log(r) for lp, r in zip(logp, ratios)]
+    w = rl.sequence_weights([2, 1], agg, nominal_sequences=4)
+    seqs = [{"prompt_ids": [3, 3, 3], "completion_ids": TARGETS[:2], "old_logp": old[:2], "advantage": ADV[0],
+             "weight": w[0], "ref_logp": [logp[0] + REF_SHIFT[0], logp[1] + REF_SHIFT[1]]},
+            {"prompt_ids": [3], "completion_ids": TARGETS[2:], "old_logp": old[2:], "advantage": ADV[1],
+             "weight": w[1], "ref_logp": [logp[2] + REF_SHIFT[2]]}]
+    mb = rl.make_microbatch(seqs, pad_id=3, device="cpu")
+    hidden = torch.tensor([[math.log(x) for x in row] for row in P], dtype=torch.float32, requires_grad=True)
+    return mb, hidden, torch.eye(4), logp
+
+
+def hand_expected(variant, logp):
+    """The same loss written out token by token."""
+    a = [ADV[0], ADV[0], ADV[1]]
+    w = {"seq-sum": [1 / 4] * 3, "token-mean": [1 / 3] * 3, "seq-mean": [1 / 4, 1 / 4, 1 / 2]}[variant.get("agg", "seq-sum")]
+    total = 0.0
+    for t in range(3):
+        r = RATIOS[t]
+        if variant.get("loss", "truncate") == "truncate":
+            pg = -min(r, 2.0) * a[t] * logp[t]
+        else:
+            lo, hi = 1 - variant["clip_low"], 1 + variant["clip_high"]
+            pg = -min(r * a[t], min(max(r, lo), hi) * a[t])
+        d = REF_SHIFT[t]
+        kl = math.exp(d) - d - 1
+        ent = -sum(p * math.log(p) for p in P[t])
+        total += w[t] * (pg + variant.get("kl_beta", 0.0) * kl - variant.get("entropy", 0.0) * ent)
+    return total
+
+
+@pytest.mark.parametrize("variant", [
+    {"flags": ["--entropy-coef", "0"]},
+    {"flags": ["--agg", "token-mean", "--entropy-coef", "0"], "agg": "token-mean"},
+    {"flags": ["--agg", "seq-mean", "--entropy-coef", "0"], "agg": "seq-mean"},
+    {"flags": ["--loss", "ppo", "--clip-low", "0.2", "--clip-high", "0.28", "--entropy-coef", "0"], "loss": "ppo",
+     "clip_low": 0.2, "clip_high": 0.28},
+    {"flags": ["--kl-beta", "0.1", "--entropy-coef", "0.01"], "kl_beta": 0.1, "entropy": 0.01},
+])
+def test_policy_loss_variants_match_hand_computation(variant):
+    args = rl.get_args(["--temperature", "1.0", *variant["flags"]])
+    mb, hidden, weight, logp = hand_batch(variant.get("agg", "seq-sum"))
+    loss, stats = rl.policy_loss(hidden, weight, mb, args)
+    assert loss.item() == pytest.approx(hand_expected(variant, logp), rel=1e-5, abs=1e-6)
+    assert torch.allclose(stats["logp"], torch.tensor(logp), atol=1e-6)
+    assert torch.allclose(stats["ratio"], torch.tensor(RATIOS), rtol=1e-5)
+    if variant.get("loss") == "ppo":  # token 0: A > 0 and r = 3 > 1.28; token 2: A < 0 and r = 0.7 < 0.8
+        assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_recipe_defaults():
+    a = rl.get_args([])
+    assert (a.problems_per_step, a.samples_per_problem, a.temperature, a.top_p, a.top_k, a.max_new_tokens) == \
+        (64, 16, 0.8, 0.95, 20, 49152)
+    assert (a.lr, a.weight_decay, a.grad_clip, a.max_steps, a.entropy_coef, a.kl_beta) == (1e-6, 0.01, 0.3, 150, 1e-4, 0.0)
+    assert (a.loss, a.agg, a.adv_std, a.logp_temperature, a.rc_states_per_problem) == ("truncate", "seq-sum", False, 0.8, 2)
+
+
+def test_importance_ratio_truncation():
+    """Above the cap the gradient no longer depends on the ratio; below it, it scales with it."""
+    args = rl.get_args(["--temperature", "1.0", "--entropy-coef", "0", "--ratio-cap", "2.0"])
+
+    def grad_of_token0(r0):
+        mb, hidden, weight, _ = hand_batch("seq-sum", ratios=[r0, 1.1, 0.7])
+        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss.backward()
+        return hidden.grad[0].clone(), stats["clipped"][0].item()
+
+    g3, c3 = grad_of_token0(3.0)
+    g5, c5 = grad_of_token0(5.0)
+    g1, c1 = grad_of_token0(1.0)
+    assert torch.allclose(g3, g5) and c3 == c5 == 1.0
+    assert torch.allclose(g1 * 2.0, g3, atol=1e-6) and c1 == 0.0  # -min(r, cap) * A * dlogp: factor 2 vs 1
+
+
+def test_packed_microbatch_matches_unpacked_forwards(tiny_model):
+    """Packing several sequences in one row (positions restarting) gives each completion token the
+    log-prob an unpacked forward gives it, and the loss is their weighted sum."""
+    args = rl.get_args(["--temperature", "0.7", "--entropy-coef", "0"])
+    torch.manual_seed(0)
+    seqs = []
+    for plen, clen, adv in ((5, 3, 0.5), (2, 4, -1.0), (7, 1, 0.25)):
+        seqs.append({"prompt_ids": torch.randint(10, 5000, (plen,)).tolist(),
+                     "completion_ids": torch.randint(10, 5000, (clen,)).tolist(), "advantage": adv, "weight": 0.1})
+    ref_logp = []
+    W = tiny_model.lm_head.weight.double()
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+            h = tiny_model.model(input_ids=ids).last_hidden_state[0].double()  # (T, H)
+            lp = torch.log_softmax(h @ W.T / 0.7, -1)
+            p = len(s["prompt_ids"])
+            ref_logp.append([lp[p - 1 + i, c].item() for i, c in enumerate(s["completion_ids"])])
+    for s, lp in zip(seqs, ref_logp):
+        s["old_logp"] = [x - 0.05 for x in lp]  # ratio exp(0.05) everywhere
+    mb = rl.make_microbatch(seqs, pad_id=0, device="cpu")
+    tap = rl.tap_hidden(tiny_model)
+    loss, stats = rl.microbatch_loss(tiny_model, tap, mb, args)
+    flat = [x for lp in ref_logp for x in lp]
+    assert torch.allclose(stats["logp"].double(), torch.tensor(flat, dtype=torch.float64), atol=2e-4)
+    expected = sum(-math.exp(0.05) * s["advantage"] * x * 0.1 for s, lp in zip(seqs, ref_logp) for x in lp)
+    assert loss.item() == pytest.approx(expected, rel=1e-3)
+    again = rl.sequence_logprobs(tiny_model, tap, [dict(s) for s in seqs], 0.7, 0, max_tokens=9)  # 3 micro-batches
+    assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=2e-4) for a, b in zip(again, ref_logp))
+
+
+def test_plan_microbatches_balances_ranks_and_pads():
+    seqs = [{"num_tokens": n, "i": i} for i, n in enumerate([50, 40, 30, 20, 10, 5])]
+    plan = rl.plan_microbatches(seqs, world_size=2, max_tokens=60)
+    assert len(plan[0]) == len(plan[1])  # same number of forwards on every rank
+    got = sorted(s["i"] for rank in plan for m in rank for s in m)
+    assert got == list(range(6))
+    assert all(sum(s["num_tokens"] for s in m) <= 60 for rank in plan for m in rank)
+    assert rl.plan_microbatches([], 3, 10) == [[[]], [[]], [[]]]  # a dummy micro-batch each
+    assert rl.make_microbatch([], 0, "cpu")["weights"].tolist() == [0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# lag, filtering, RC states
+
+
+def test_drop_stale_and_filter_groups():
+    groups = [{"version": v, "rewards": r} for v, r in
+              [(5, [0, 1, 0]), (3, [1, 1, 1]), (2, [0, 1, 1]), (4, [0.5, 0.5 + 1e-9, 0.5])]]
+    fresh, stale = rl.drop_stale(groups, step=5, max_lag=2)
+    assert [g["version"] for g in fresh] == [5, 3, 4] and [g["version"] for g in stale] == [2]
+    assert rl.drop_stale(groups, step=5, max_lag=0)[0] == [groups[0]]
+    kept, flat = rl.filter_groups(fresh, tol=1e-6)
+    assert [g["version"] for g in kept] == [5] and [g["version"] for g in flat] == [3, 4]
+    assert len(rl.filter_groups(fresh, tol=-1)[0]) == 3  # tol < 0 keeps everything
+
+
+def test_producer_runs_at_most_max_lag_ahead():
+    def make(index, ro):
+        return {"index": index, "version": ro.version}
+
+    for max_lag in (0, 2):
+        ro = rl.Rollouts(make, first_batch=0, max_lag=max_lag, version=0)
+        time.sleep(0.3)
+        assert ro.q.qsize() == 1 + max_lag and ro.next_batch == 1 + max_lag  # and no further
+        got = [ro.get() for _ in range(1 + max_lag)]
+        assert [b["version"] for b in got] == [0] * (1 + max_lag)
+        ro.version = 1  # the trainer finished step 0 and pushed its weights
+        ro.grant(1)
+        b = ro.get()
+        assert b["index"] == 1 + max_lag and b["version"] == 1
+        ro.stop()
+    # a stale batch (made by version 0, trained at step 3 with max_lag 2) is dropped
+    assert rl.drop_stale([{"version": 0}], step=3, max_lag=2)[0] == []
+
+    def boom(index, ro):
+        raise ValueError("server died")
+
+    ro = rl.Rollouts(boom, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="server died"):
+        ro.get()
+    ro.stop()
+
+
+def test_sample_rc_states():
+    trace = {"states": [None, "S1", "S2", "S3"]}
+    picks = [rl.sample_rc_states(trace, 2, random.Random(i)) for i in range(2000)]
+    assert all(len(p) == 2 and len(set(map(str, p))) == 2 for p in picks)
+    assert all([trace["states"].index(x) for x in p] == sorted(trace["states"].index(x) for x in p) for p in picks)
+    freq = Counter(str(x) for p in picks for x in p)
+    assert set(freq) == {"None", "S1", "S2", "S3"} and all(850 < n < 1150 for n in freq.values())
+    assert rl.sample_rc_states(trace, 2, random.Random(7)) == rl.sample_rc_states(trace, 2, random.Random(7))
+    assert rl.sample_rc_states({"states": [None]}, 2, random.Random(0)) == [None]  # a failed first summary
+
+
+def test_rc_batch_through_engine(tiny_model_dir, tokenizer):
+    """build_batch with --rc-turns 2 on the real HF engine + run_rc: one group per sampled state, its
+    prompt carrying that summary, graded against the original problem."""
+    from rc_decode import make_engine
+
+    args = tiny_args("--rc-turns", "2", "--rc-states-per-problem", "2", "--problems-per-step", "2",
+                     "--samples-per-problem", "2", "--max-new-tokens", "6", "--rc-reason-tokens", "6",
+                     "--rc-summary-tokens", "5", "--model", tiny_model_dir)
+    problems, kind = rl.load_problems(args)
+    model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
+    engine = make_engine("hf", model, tokenizer=tokenizer)
+    ro = SimpleNamespace(lock=threading.Lock(), version=3)
+    batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
+                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tokenizer, template=None,
+                           rewards=rl.Rewards(kind, problems, args))
+    assert len(batch["groups"]) == 4 and all(g["version"] == 3 for g in batch["groups"])
+    for g in batch["groups"]:
+        prompt = tokenizer.decode(g["samples"][0]["prompt_ids"])
+        assert problems[g["row"]]["problem"] in prompt
+        if g["state"] is not None:
+            assert g["state"] in prompt
+        assert len(g["rewards"]) == 2
+        assert all(len(s["old_logp"]) == len(s["completion_ids"]) for s in g["samples"])
+
+
+# ---------------------------------------------------------------------------------------------
+# judge outage: a fake OpenAI-compatible judge (the real one is an external service) that fails
+# for some proofs with 503 / malformed replies and answers 429 with Retry-After first
+
+
+class FakeJudge(http.server.BaseHTTPRequestHandler):
+    calls = Counter()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][-1]["content"]
+        key = "FAIL" if "FAIL" in text else "BAD" if "BAD" in text else "ok"
+        FakeJudge.calls[key] += 1
+        if key == "ok" and FakeJudge.calls["ok"] == 1:
+            return self._reply(429, b"slow down", {"Retry-After": "0"})
+        if key == "FAIL":
+            return self._reply(503, b"overloaded")
+        if key == "BAD":
+            return self._reply(200, b"{not json")
+        score = 7 if "\\boxed{5}" in text else 2
+        reply = {"choices": [{"message": {"role": "assistant", "content": f"Fine. <score>{score}</score>"}}]}
+        self._reply(200, json.dumps(reply).encode(), {"Content-Type": "application/json"})
+
+    def _reply(self, code, data, headers=()):
+        self.send_response(code)
+        for k, v in dict(headers).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_judge_outage_skips_and_counts_groups(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = rl.get_args(["--judge-url", f"http://127.0.0.1:{server.server_port}/v1", "--judge-retries", "1",
+                            "--group-retries", "1", "--samples-per-problem", "2", "--output-dir", str(tmp_path)])
+        problems = [{"problem": f"Problem {i}.", "rubric": "7 if right", "answer": None} for i in range(3)]
+        rewards = rl.Rewards("judge", problems, args)
+        done = "<think>\nok\n</think>\n\n"
+        groups = [{"row": 0, "samples": [{"text": done + "\\boxed{5}"}, {"text": done + "\\boxed{4}"}]},
+                  {"row": 1, "samples": [{"text": done + "FAIL"}, {"text": done + "\\boxed{5}"}]},
+                  {"row": 2, "samples": [{"text": done + "BAD"}, {"text": "no think end: truncated"}]}]
+        for g in groups:
+            g["failed"] = False
+        stats = Counter()
+        rewards.finish(rewards.start(groups), stats)
+        assert groups[0]["rewards"] == [1.0, pytest.approx(2 / 7)] and not groups[0]["failed"]
+        assert groups[1]["failed"] and "rewards" not in groups[1]  # never scored as if graded
+        assert groups[2]["failed"] and "rewards" not in groups[2]
+        assert stats["judge_failures"] == 2 and stats["judge_regraded"] == 2
+        assert FakeJudge.calls["FAIL"] == 4  # (1 try + 1 retry) x (grade + 1 group re-grade)
+    finally:
+        server.shutdown()
+
+
+def test_bad_data_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"question": "x", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="no 'problem' column"):
+        rl.load_problems(tiny_args("--data", str(path)))
+    path.write_text(json.dumps({"problem": "x"}) + "\n")
+    with pytest.raises(ValueError, match="needs a 'answer' column"):
+        rl.load_problems(tiny_args("--data", str(path), "--reward", "answer"))
+    path.write_text(json.dumps({"problem": "", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match="no usable rows"):
+        rl.load_problems(tiny_args("--data", str(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs on the random tiny model: resume, torchrun. --reward-tol -1 keeps the (all-zero reward)
+# groups, so the entropy bonus still moves the weights and Adam's state matters.
+
+RUN = ["--problems-per-step", "3", "--samples-per-problem", "2", "--max-new-tokens", "6", "--max-lag", "0",
+       "--reward-tol", "-1", "--entropy-coef", "0.01", "--lr", "1e-3", "--save-every", "0"]
+
+
+def final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", a, *RUN))
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--stop-after", "2", *RUN))
+    assert open(os.path.join(b, "latest")).read() == "step_00002" and not os.path.exists(os.path.join(b, "final"))
+    with pytest.raises(ValueError, match="already holds a run"):
+        rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, *RUN))
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN))
+    wa, wb, w0 = final_weights(a), final_weights(b), common.load_model(tiny_model_dir).state_dict()
+    assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"], w0["model.layers.0.mlp.up_proj.weight"].float())
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    ma, mb = common.read_jsonl(os.path.join(a, "metrics.jsonl")), common.read_jsonl(os.path.join(b, "metrics.jsonl"))
+    assert [m["step"] for m in mb] == [1, 2, 3]
+    assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=1e-5)
+
+
+def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
+    """FSDP2 over 2 CPU processes (gloo): rank 0 generates and splits the batch, both train their share,
+    gradients are reduce-scattered; the result equals the one-process run."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common_flags = ["rl.py", "--preset", "tiny", "--model", tiny_model_dir, "--max-steps", "2", *RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *common_flags, "--output-dir", one], cwd=ROOT, check=True, env=env,
+                   capture_output=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        *common_flags, "--output-dir", two], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    w1, w2 = final_weights(one), final_weights(two)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+    m1, m2 = common.read_jsonl(os.path.join(one, "metrics.jsonl")), common.read_jsonl(os.path.join(two, "metrics.jsonl"))
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
+    assert [m["entropy"] for m in m1] == pytest.approx([m["entropy"] for m in m2], rel=1e-4)
