@@ -512,6 +512,7 @@ class VLLMEngine:
                        worker_extension_cls="rc_decode.VLLMWeightSync", **llm_kwargs)
         self.context_length = self.llm.llm_engine.model_config.max_model_len
         self._dtype = self.llm.llm_engine.model_config.dtype
+        self.lora_request = None  # set by load_lora: every request then runs through that adapter
 
     def generate(self, prompts, sampling, thinking=True, progress=None):
         from vllm import SamplingParams
@@ -521,7 +522,8 @@ class VLLMEngine:
                                  top_p=sampling.top_p, top_k=sampling.top_k, logprobs=0,
                                  ignore_eos=sampling.ignore_eos,
                                  seed=None if sampling.seed is None else sampling.seed + i) for i in range(len(ids))]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False,
+                                 lora_request=self.lora_request)
         res = []
         for x, o in zip(ids, outs):
             c = o.outputs[0]
@@ -550,6 +552,15 @@ class VLLMEngine:
             n += self.llm.collective_rpc("qed_load_weights", args=(chunk,))[0]
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         return n
+
+    def load_lora(self, path, version):
+        """Generate through the LoRA adapter in folder `path` (PEFT's save_pretrained) from now on: the
+        adapter-only weight sync. Needs LLM(enable_lora=True, max_lora_rank >= r). A new id per version
+        makes vLLM read the new adapter instead of reusing the one it cached."""
+        from vllm.lora.request import LoRARequest
+        if not os.path.exists(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"load_lora: {path!r} holds no adapter_config.json (save a PEFT adapter there)")
+        self.lora_request = LoRARequest(f"policy-v{version}", version + 1, os.path.abspath(path))
 
     def load_weights_from_path(self, path):
         """Load a checkpoint folder (save_pretrained's safetensors, HF names) into the running engine."""

@@ -46,11 +46,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ---------------------------------------------------------------------------------------------
 # CLI (defaults = the published recipe, shared/RECIPE.md)
 
-TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_rl.jsonl"), problems_per_step=8,
-            samples_per_problem=8, max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0, engine="hf",
-            device="cpu", lr=2e-4, max_steps=20, max_lag=1, pack_tokens=4096,
+# The tiny preset trains on the first 16 rows of data/tiny_rl.jsonl: the problems the SFT warm-up
+# (`sft.py --preset tiny`) trained on; a 2-layer model does not generalize addition to unseen pairs in minutes.
+TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_rl.jsonl"), max_problems=16,
+            problems_per_step=8, samples_per_problem=8, max_new_tokens=24, temperature=0.7, top_p=1.0, top_k=0,
+            engine="hf", device="cpu", lr=1e-4, warmup_steps=3, max_steps=16, max_lag=1, pack_tokens=4096,
             gradient_checkpointing=False, reward="answer", rc_summarizer="policy", rc_summary_tokens=24,
-            save_every=10, output_dir="runs/rl-tiny", log_rollouts=2)
+            save_every=0, output_dir="runs/rl-tiny", log_rollouts=2)
 
 
 def get_args(argv=None):
@@ -86,8 +88,10 @@ def get_args(argv=None):
                    "snapshot of the policy (CPU, tests); remote: vLLM servers (--servers)")
     p.add_argument("--servers", default="", help="comma-separated base URLs of vLLM servers, e.g. http://gen0:8000")
     p.add_argument("--served-model", default="", help="model name the servers serve ('' = --model)")
-    p.add_argument("--weight-sync", choices=["nccl", "fs"], default="nccl", help="how --engine remote gets weights")
-    p.add_argument("--sync-dir", default="", help="shared folder for --weight-sync fs ('' = <output-dir>/sync)")
+    p.add_argument("--weight-sync", choices=["nccl", "fs"], default="nccl",
+                   help="how --engine remote gets weights (a LoRA adapter always goes through --sync-dir)")
+    p.add_argument("--sync-dir", default="", help="shared folder for --weight-sync fs and LoRA adapters "
+                   "('' = <output-dir>/sync)")
     p.add_argument("--nccl-master", default="", help="host:port at which the servers reach the trainer (nccl sync)")
     p.add_argument("--server-gpus", type=int, default=1, help="GPUs per vLLM server (its tensor-parallel size)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
@@ -124,6 +128,8 @@ def get_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--adam-betas", default="0.9,0.999")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon; larger values stop the near-zero, "
+                   "noisy gradients of rarely used vocabulary rows from taking full-size steps")
     p.add_argument("--grad-clip", type=float, default=0.3, help="max global grad norm; 0 = off")
     p.add_argument("--max-steps", type=int, default=150, help="trainer steps (one batch of groups each)")
     # ---- reasoning cache (stage 3)
@@ -142,7 +148,9 @@ def get_args(argv=None):
     p.add_argument("--pack-tokens", type=int, default=65536, help="tokens per packed micro-batch (a longer sequence "
                    "gets one of its own)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning. vLLM gets only the adapter "
+                   "after each step (remote servers: start them with --enable-lora --max-lora-rank R and "
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     p.add_argument("--lora-alpha", type=int, default=0, help="0 = 2 * rank")
     p.add_argument("--lora-targets", default="all-linear")
     # ---- output
@@ -175,7 +183,7 @@ def get_args(argv=None):
         raise ValueError("--max-lag must be >= 0 (0 = synchronous)")
     if args.engine == "remote" and not args.servers:
         raise ValueError("--engine remote needs --servers http://host:port[,http://host2:port]")
-    if args.engine == "remote" and args.weight_sync == "nccl" and not args.nccl_master:
+    if args.engine == "remote" and args.weight_sync == "nccl" and not args.nccl_master and not args.lora_r:
         raise ValueError("--weight-sync nccl needs --nccl-master host:port (reachable from the servers), or use "
                          "--weight-sync fs with a shared --sync-dir")
     return args
@@ -581,6 +589,9 @@ def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
         if rank == 0:
             snapshot[0].load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
         return
+    if lora_scale:  # adapter-only sync to vLLM: a few MB of adapter in a folder instead of the full weights
+        push_adapter(args, model, engine, version)
+        return
     sd = full_state_dict(model)
     if rank != 0:
         return
@@ -594,6 +605,46 @@ def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
             push_remote(args, sd, version)
 
 
+def push_adapter(args, model, engine, version):
+    """--lora-r with vLLM: save the adapter (PEFT layout) to <sync-dir>/lora_vNNNNN, then the colocated
+    engine generates through it, or each server loads it (POST /v1/load_lora_adapter; the servers run with
+    --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and see the folder on a shared filesystem)
+    and serves it under the name policy-vN, which the rollout requests then ask for."""
+    import httpx
+
+    root = os.path.abspath(args.sync_dir or os.path.join(args.output_dir, "sync"))
+    path, name = os.path.join(root, f"lora_v{version:05d}"), f"policy-v{version}"
+    model.save_pretrained(path)
+    if args.engine == "vllm":
+        engine.load_lora(path, version)
+    else:
+        errors = []
+        for e in engine.engines:  # one OpenAIEngine per server; base = http://host:port/v1
+            base, old = e.url.rsplit("/chat/completions", 1)[0], e.model
+            try:
+                r = httpx.post(f"{base}/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=600)
+            except httpx.HTTPError as err:
+                errors.append(f"vLLM server {base} did not answer load_lora_adapter ({type(err).__name__}: {err}); "
+                              "is it still running?")
+                continue
+            if r.status_code != 200:
+                errors.append(f"vLLM server {base} refused load_lora_adapter (HTTP {r.status_code}: {r.text[:300]}); "
+                              "start it with --enable-lora --max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,"
+                              f" with {root} on a filesystem it can read")
+                continue
+            e.model = name
+            if old.startswith("policy-v"):  # the previous version: nothing is generating with it now
+                try:
+                    httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": old}, timeout=600)
+                except httpx.HTTPError as err:  # costs the server some memory, not correctness
+                    print0(f"warning: vLLM server {base} did not unload {old} ({type(err).__name__})")
+        if errors:
+            raise RuntimeError("weight sync failed: " + "; ".join(errors))
+    for d in os.listdir(root):  # keep this version and the one before (a server may still be reading it)
+        if d.startswith("lora_v") and d < f"lora_v{version - 1:05d}":
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
 _NCCL = {}
 
 
@@ -602,12 +653,17 @@ def push_remote(args, sd, version):
     import httpx
 
     urls = [u.strip().rstrip("/") for u in args.servers.split(",") if u.strip()]
+    errors = []  # the rpc threads' failures, raised by join() in the trainer's thread
 
     def rpc(url, method, *a):
-        r = httpx.post(f"{url}/collective_rpc", json={"method": method, "args": [str(x) for x in a]}, timeout=3600)
+        try:
+            r = httpx.post(f"{url}/collective_rpc", json={"method": method, "args": [str(x) for x in a]}, timeout=3600)
+        except httpx.HTTPError as e:
+            errors.append(f"vLLM server {url} did not answer {method} ({type(e).__name__}: {e}); is it still running?")
+            return
         if r.status_code != 200:
-            raise RuntimeError(f"vLLM server {url} refused {method} (HTTP {r.status_code}: {r.text[:300]}); start it "
-                               "with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
+            errors.append(f"vLLM server {url} refused {method} (HTTP {r.status_code}: {r.text[:300]}); start it "
+                          "with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
 
     def on_all(method, per_url):  # per_url: the rpc arguments of each server
         ts = [threading.Thread(target=rpc, args=(u, method, *a)) for u, a in zip(urls, per_url)]
@@ -615,14 +671,19 @@ def push_remote(args, sd, version):
             t.start()
         return ts
 
+    def join(ts):
+        for t in ts:
+            t.join()
+        if errors:
+            raise RuntimeError("weight sync failed: " + "; ".join(errors))
+
     if args.weight_sync == "fs":
         from safetensors.torch import save_file
 
         path = os.path.abspath(os.path.join(args.sync_dir or os.path.join(args.output_dir, "sync"), f"v{version:05d}"))
         os.makedirs(path, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
-        for t in on_all("qed_load_dir", [[path]] * len(urls)):
-            t.join()
+        join(on_all("qed_load_dir", [[path]] * len(urls)))
         return
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
@@ -633,13 +694,11 @@ def push_remote(args, sd, version):
         ts = on_all("qed_nccl_init", [[host, port, 1 + i * args.server_gpus, world] for i in range(len(urls))])
         pg = StatelessProcessGroup.create(host=host, port=int(port), rank=0, world_size=world)
         _NCCL["comm"] = PyNcclCommunicator(pg, device=torch.cuda.current_device())
-        for t in ts:
-            t.join()
+        join(ts)
     ts = on_all("qed_nccl_recv", [[json.dumps([[k, str(v.dtype)[6:], list(v.shape)] for k, v in sd.items()])]] * len(urls))
     for v in sd.values():
         _NCCL["comm"].broadcast(v.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
-    for t in ts:
-        t.join()
+    join(ts)
 
 
 class VLLMServerSync:
@@ -930,7 +989,7 @@ def main(args):
     # ---- optimizer (AdamW; constant lr after an optional linear warmup)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(float(x) for x in args.adam_betas.split(",")),
-                            weight_decay=args.weight_decay)
+                            eps=args.adam_eps, weight_decay=args.weight_decay)
     state = {"step": 0, "next_batch": 0}
     if ckpt:
         from safetensors.torch import load_file
@@ -961,9 +1020,10 @@ def main(args):
         if args.engine == "hf":
             engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
         elif args.engine == "vllm":
+            lora_kw = dict(enable_lora=True, max_lora_rank=args.lora_r, max_loras=1) if args.lora_r else {}
             engine = make_engine("vllm", start_from, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
                                  gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=True,
-                                 max_model_len=args.max_model_len or None)
+                                 max_model_len=args.max_model_len or None, **lora_kw)
         else:
             engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
                                               logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
@@ -1016,13 +1076,14 @@ def main(args):
                 if not payload["empty"]:
                     sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params, payload["plan"][rank],
                                                            args, lr_at(step), tokenizer.pad_token_id, device)
-                train_s, t_sync = time.time() - t_train, time.time()
+                train_s, t_sync, sync_wait_s = time.time() - t_train, time.time(), 0.0
                 if colocated:
                     engine.llm.wake_up(tags=["weights"])
                 step += 1
                 if not payload["empty"]:
                     if rank == 0 and not colocated:
                         with ro.lock:  # waits for the batch being generated: its version stays truthful
+                            sync_wait_s = time.time() - t_sync
                             push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
                             ro.version = step
                     else:
@@ -1033,7 +1094,7 @@ def main(args):
                 if colocated:
                     engine.llm.wake_up(tags=["kv_cache"])
                     ro.lock.release()
-            sync_s = time.time() - t_sync
+            sync_s = time.time() - t_sync - sync_wait_s  # the push itself; sync_wait_s = waiting for the engine
             if rank == 0:
                 ro.grant(1)  # one more batch may start, with the new weights
             if world_size > 1:
@@ -1054,7 +1115,8 @@ def main(args):
                      "ratio_min": -sums[7].item() if sums[0] else 1.0, "kl": sums[4].item() / ntok, "grad_norm": gnorm,
                      "groups_trained": len(groups), "train_tokens": train_tokens, "train_s": train_s,
                      "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
-                     "train_tok_s": train_tokens / max(1e-9, train_s), "sync_s": sync_s, "step_s": time.time() - t_step}
+                     "train_tok_s": train_tokens / max(1e-9, train_s), "sync_s": sync_s, "sync_wait_s": sync_wait_s,
+                     "step_s": time.time() - t_step}
                 common.append_jsonl(metrics_path, m)
                 if wandb is not None:
                     wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
@@ -1068,13 +1130,14 @@ def main(args):
                        f"{m['policy_lag_mean']:.1f} | groups {len(groups)}/{stats['groups_total']} (flat "
                        f"{stats['groups_zero_var']}, failed {stats['groups_failed']}, stale {stats['groups_stale']}) | "
                        f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {train_s:.1f}s sync "
-                       f"{sync_s:.1f}s | dt {m['step_s']:.1f}s")
+                       f"{sync_s:.1f}s (+{sync_wait_s:.1f}s wait) | dt {m['step_s']:.1f}s")
             state["step"] = step
             if args.save_every and step % args.save_every == 0 and step < stop_at:
                 save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state,
                                 args, rank, world_size)
     except RuntimeError:
         if step > 0:  # keep what was paid for: pending rollouts are discarded, the weights are not
+            state["step"] = step  # a failed weight push comes after the optimizer step: that step is done
             print0(f"stopping at step {step}: saving a checkpoint first")
             save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state, args,
                             rank, world_size)

@@ -476,7 +476,7 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
     return R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.2,
-                         seed=0, enforce_eager=True)
+                         seed=0, enforce_eager=True, enable_lora=True, max_lora_rank=8, max_loras=1)
 
 
 @needs_vllm
@@ -499,6 +499,40 @@ def test_vllm_engine_generate_logprobs_and_weights(vllm_engine, engine):
     assert vllm_engine.generate(MSGS[:1], greedy)[0].token_ids != before
     vllm_engine.load_weights(sd.items())
     assert vllm_engine.generate(MSGS[:1], greedy)[0].token_ids == before
+
+
+@needs_vllm
+def test_vllm_engine_lora_adapter_sync(vllm_engine, tiny_model_dir, tmp_path):
+    """rl.py --lora-r: each version's adapter folder, loaded with load_lora, gives the greedy tokens of the HF
+    model with that adapter merged; a new version replaces the old one."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=8, lora_alpha=16,
+                                                                              target_modules="all-linear"))
+    greedy, tokenizer = R.Sampling(12, 0.0), common.load_tokenizer(tiny_model_dir)
+    base = [c.token_ids for c in vllm_engine.generate(MSGS, greedy)]
+    torch.manual_seed(0)
+    seen = []
+    for version in (1, 2):
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        peft_model.save_pretrained(str(tmp_path / f"v{version}"))
+        merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+        want = [c.token_ids for c in R.make_engine("hf", merged, tokenizer=tokenizer, device="cpu",
+                                                   dtype=torch.float32).generate(MSGS, greedy)]
+        vllm_engine.load_lora(str(tmp_path / f"v{version}"), version)
+        got = [c.token_ids for c in vllm_engine.generate(MSGS, greedy)]
+        # random weights have near-ties late in a greedy run (fp32 sums differ between vLLM and HF): 8 tokens
+        assert [g[:8] for g in got] == [w[:8] for w in want] and got != base and got not in seen
+        seen.append(got)
+    vllm_engine.lora_request = None
+    assert [c.token_ids for c in vllm_engine.generate(MSGS, greedy)] == base
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        vllm_engine.load_lora(str(tmp_path), 3)
 
 
 @needs_vllm

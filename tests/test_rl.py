@@ -342,6 +342,119 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=1e-5)
 
 
+def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path, monkeypatch):
+    """The generation engine fails on the third batch (as a crashed vLLM server would): the run saves the two
+    finished steps and stops with the error; --resume then ends where an uninterrupted run ends."""
+    import rc_decode
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", a, *RUN))
+    real, calls = rc_decode.HFEngine.generate, []
+
+    def dying(self, *args, **kw):
+        calls.append(1)
+        if len(calls) >= 3:
+            raise ConnectionError("generation server went away")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(rc_decode.HFEngine, "generate", dying)
+    with pytest.raises(RuntimeError, match="rollout generation failed.*generation server went away"):
+        rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, *RUN))
+    assert open(os.path.join(b, "latest")).read() == "step_00002"
+    assert json.load(open(os.path.join(b, "step_00002", "state.json")))["step"] == 2
+    monkeypatch.setattr(rc_decode.HFEngine, "generate", real)
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN))
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert [m["step"] for m in common.read_jsonl(os.path.join(b, "metrics.jsonl"))] == [1, 2, 3]
+
+
+class RefusingServer(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"Internal Server Error")
+
+    def log_message(self, *a):
+        pass
+
+
+def test_weight_push_failure_names_the_server(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: a server that died
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = f"http://127.0.0.1:{dead},http://127.0.0.1:{server.server_port}"
+        args = rl.get_args(["--engine", "remote", "--servers", urls, "--weight-sync", "fs", "--output-dir",
+                            str(tmp_path)])
+        with pytest.raises(RuntimeError) as e:
+            rl.push_remote(args, {"w": torch.zeros(2)}, 1)
+        msg = str(e.value)
+        assert f"127.0.0.1:{dead} did not answer qed_load_dir" in msg and "still running" in msg
+        assert f"127.0.0.1:{server.server_port} refused qed_load_dir (HTTP 500" in msg
+        assert os.path.exists(os.path.join(str(tmp_path), "sync", "v00001", "model.safetensors"))
+    finally:
+        server.shutdown()
+
+
+class LoraServer(http.server.BaseHTTPRequestHandler):
+    """The two endpoints of a vLLM server (run with --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) that
+    the adapter sync calls; refuses when the class attribute `refuse` is set, as a server without LoRA does."""
+    calls, refuse = [], False
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        type(self).calls.append((self.path, body))
+        if self.refuse:
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": "LoRA is not enabled"}')
+            return
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *a):
+        pass
+
+
+def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from rc_decode import make_engine
+
+    model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoraServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir", str(tmp_path)])
+        engine = rl.SplitEngine([make_engine("openai", "base-model", base_url=base + "/v1")])
+        for version in (1, 2, 3):
+            rl.push_weights(args, model, engine, None, 2.0, version, 0)
+        sync = tmp_path / "sync"
+        assert sorted(os.listdir(sync)) == ["lora_v00002", "lora_v00003"]  # older adapters pruned
+        files = sorted(os.listdir(sync / "lora_v00003"))
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no full weights
+        size = os.path.getsize(sync / "lora_v00003" / "adapter_model.safetensors")
+        assert size < os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors")) / 20
+        assert LoraServer.calls[0] == ("/v1/load_lora_adapter", {"lora_name": "policy-v1",
+                                                                 "lora_path": str(sync / "lora_v00001")})
+        assert ("/v1/unload_lora_adapter", {"lora_name": "policy-v2"}) in LoraServer.calls
+        assert engine.engines[0].model == "policy-v3"  # the rollouts now ask for the newest adapter
+        LoraServer.refuse = True
+        with pytest.raises(RuntimeError, match="refused load_lora_adapter.*--enable-lora"):
+            rl.push_weights(args, model, engine, None, 2.0, 4, 0)
+        assert engine.engines[0].model == "policy-v3"
+    finally:
+        LoraServer.refuse = False
+        server.shutdown()
+
+
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
     """FSDP2 over 2 CPU processes (gloo): rank 0 generates and splits the batch, both train their share,
     gradients are reduce-scattered; the result equals the one-process run."""
@@ -361,3 +474,35 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
     m1, m2 = common.read_jsonl(os.path.join(one, "metrics.jsonl")), common.read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
     assert [m["entropy"] for m in m1] == pytest.approx([m["entropy"] for m in m2], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning: the README's quick start, minus eval. `sft.py --preset tiny` (the warm-up), then
+# `rl.py --preset tiny` raises the reward, both on its own training curve and on a paired before/after
+# measurement (same problems, same sampling seeds), on a fixed seed.
+
+
+def sampled_reward(model_dir, n_problems=16, samples=8):
+    """Mean final-answer reward of T=0.7 samples (fixed seed) on the tiny preset's 16 problems."""
+    from judge import answer_reward
+    from rc_decode import Sampling, make_engine
+
+    rows = common.read_jsonl(os.path.join(ROOT, "data", "tiny_rl.jsonl"))[:n_problems]
+    engine = make_engine("hf", model_dir, dtype=torch.float32, device="cpu")
+    prompts = [[{"role": "user", "content": r["problem"]}] for r in rows for _ in range(samples)]
+    outs = engine.generate(prompts, Sampling(24, 0.7, 1.0, 0, seed=123))
+    return sum(answer_reward(o.text, rows[i // samples]["answer"]) for i, o in enumerate(outs)) / len(outs)
+
+
+def test_sft_warmup_then_rl_raises_the_reward(tiny_model_dir, tmp_path):
+    sft_out, rl_out = str(tmp_path / "sft"), str(tmp_path / "rl")
+    r = subprocess.run([sys.executable, "sft.py", "--preset", "tiny", "--model", tiny_model_dir, "--output-dir",
+                        sft_out], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rl.main(tiny_args("--model", os.path.join(sft_out, "final"), "--output-dir", rl_out))
+    curve = [m["reward_mean"] for m in common.read_jsonl(os.path.join(rl_out, "metrics.jsonl"))]
+    assert len(curve) == rl.TINY["max_steps"] and os.path.exists(os.path.join(rl_out, "reward_curve.png"))
+    first, last = sum(curve[:4]) / 4, sum(curve[-4:]) / 4
+    assert last > first + 0.1, curve
+    before, after = sampled_reward(os.path.join(sft_out, "final")), sampled_reward(os.path.join(rl_out, "final"))
+    assert after > before + 0.1, (before, after, curve)
