@@ -95,6 +95,9 @@ def get_args(argv=None):
     p.add_argument("--nccl-master", default="", help="host:port at which the servers reach the trainer (nccl sync)")
     p.add_argument("--server-gpus", type=int, default=1, help="GPUs per vLLM server (its tensor-parallel size)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
+    p.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="colocated vLLM frees "
+                   "its memory while the trainer steps (--no-vllm-sleep: it keeps it, and generation of the next "
+                   "batch overlaps training; also for platforms without sleep mode, such as vLLM's CPU build)")
     p.add_argument("--max-model-len", type=int, default=0, help="vLLM context length; 0 = the model's")
     # ---- reward
     p.add_argument("--reward", choices=["auto", "judge", "answer"], default="auto",
@@ -1022,8 +1025,8 @@ def main(args):
         elif args.engine == "vllm":
             lora_kw = dict(enable_lora=True, max_lora_rank=args.lora_r, max_loras=1) if args.lora_r else {}
             engine = make_engine("vllm", start_from, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
-                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=True,
-                                 max_model_len=args.max_model_len or None, **lora_kw)
+                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                 enable_sleep_mode=args.vllm_sleep, max_model_len=args.max_model_len or None, **lora_kw)
         else:
             engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
                                               logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
@@ -1065,10 +1068,11 @@ def main(args):
                 if "error" in payload:
                     raise RuntimeError(payload["error"])
 
-            # ---- train, then push the weights (colocated vLLM sleeps meanwhile; the lock keeps the producer off)
+            # ---- train, then push the weights (colocated vLLM sleeps meanwhile unless --no-vllm-sleep; the lock
+            #      keeps the producer off)
             t_train = time.time()
-            colocated = rank == 0 and args.engine == "vllm"
-            if colocated:
+            sleeps = rank == 0 and args.engine == "vllm" and args.vllm_sleep
+            if sleeps:
                 ro.lock.acquire()
                 engine.llm.sleep(level=1)
             try:
@@ -1077,11 +1081,11 @@ def main(args):
                     sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params, payload["plan"][rank],
                                                            args, lr_at(step), tokenizer.pad_token_id, device)
                 train_s, t_sync, sync_wait_s = time.time() - t_train, time.time(), 0.0
-                if colocated:
+                if sleeps:
                     engine.llm.wake_up(tags=["weights"])
                 step += 1
                 if not payload["empty"]:
-                    if rank == 0 and not colocated:
+                    if rank == 0 and not sleeps:
                         with ro.lock:  # waits for the batch being generated: its version stays truthful
                             sync_wait_s = time.time() - t_sync
                             push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
@@ -1091,7 +1095,7 @@ def main(args):
                 if rank == 0:
                     ro.version = step
             finally:
-                if colocated:
+                if sleeps:
                     engine.llm.wake_up(tags=["kv_cache"])
                     ro.lock.release()
             sync_s = time.time() - t_sync - sync_wait_s  # the push itself; sync_wait_s = waiting for the engine

