@@ -101,6 +101,23 @@ def load_model(name_or_path, *, dtype=torch.bfloat16, device="cpu", attn_impleme
     return model.to(device)
 
 
+def check_tokenizer_matches(tokenizer, model, tokenizer_name):
+    """Raise ValueError if `tokenizer` cannot be `model`'s: more tokens than embedding rows, or an
+    end-of-sequence token that is none of the ids the model stops on (config / generation_config)."""
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{vocab}: the model was trained with another tokenizer; pass the matching one with --tokenizer")
+    stops = set()
+    for src in (model.config, getattr(model, "generation_config", None)):
+        e = getattr(src, "eos_token_id", None)
+        stops |= set(e) if isinstance(e, (list, tuple)) else ({e} if e is not None else set())
+    if stops and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        raise ValueError(f"tokenizer {tokenizer_name!r} ends sequences with {tokenizer.eos_token!r} (id "
+                         f"{tokenizer.eos_token_id}) but the model stops on ids {sorted(stops)}: it is another "
+                         "model's tokenizer; pass the matching one with --tokenizer")
+
+
 def load_model_and_tokenizer(name_or_path, *, tokenizer=None, **model_kwargs):
     """(model, tokenizer); `tokenizer` overrides where the tokenizer comes from."""
     return load_model(name_or_path, **model_kwargs), load_tokenizer(tokenizer or name_or_path)

@@ -959,10 +959,7 @@ def main(args):
     start_from = ckpt if ckpt and not args.lora_r else args.model
     tokenizer = common.load_tokenizer(args.tokenizer or start_from)
     policy = common.load_model(start_from, dtype=torch.float32, device=device)  # fp32 master weights
-    if len(tokenizer) > policy.config.vocab_size:
-        raise ValueError(f"tokenizer {args.tokenizer or start_from!r} has {len(tokenizer)} tokens but the model's "
-                         f"vocabulary is {policy.config.vocab_size}: the checkpoint was trained with another "
-                         "tokenizer; pass the matching one with --tokenizer")
+    common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or start_from)
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
     lora_scale = args.lora_alpha / args.lora_r if args.lora_r else 0.0
     if args.lora_r:

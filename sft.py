@@ -582,6 +582,7 @@ def _train(args, rank, world_size, device, stop):
     except ValueError as e:
         raise ValueError(f"{e} (flag --tokenizer)") from None
     model, trainable, compute_dtype = build_model(args, device, world_size)
+    common.check_tokenizer_matches(tokenizer, model.causal_lm(), args.tokenizer or args.model)
     cfg = model.causal_lm().config
     n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
     print0(f"model {args.model}: {n_params / 1e6:.1f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "

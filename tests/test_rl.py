@@ -312,6 +312,31 @@ def test_bad_data_is_named(tmp_path):
         rl.load_problems(tiny_args("--data", str(path)))
 
 
+def test_checkpoint_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    # a model whose end-of-sequence ids are not the tokenizer's, as after training with another tokenizer
+    other = str(tmp_path / "other-eos")
+    shutil.copytree(tiny_model_dir, other)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.load(open(os.path.join(other, name)))
+        cfg["eos_token_id"] = 7
+        json.dump(cfg, open(os.path.join(other, name), "w"))
+    with pytest.raises(ValueError, match=r"ends sequences with '<\|im_end\|>' \(id 151645\) but the model stops on "
+                                         r"ids \[7\].*--tokenizer"):
+        rl.main(tiny_args("--model", other, "--output-dir", str(tmp_path / "a")))
+    # a smaller vocabulary than the tokenizer
+    small = str(tmp_path / "small-vocab")
+    from transformers import AutoModelForCausalLM
+
+    cfg = common.tiny_qwen3_config(vocab_size=1000)
+    cfg.pad_token_id = 0
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
+    common.load_tokenizer(tiny_model_dir).save_pretrained(small)
+    with pytest.raises(ValueError, match="has 151669 tokens but the model's vocabulary is 1000.*--tokenizer"):
+        rl.main(tiny_args("--model", small, "--output-dir", str(tmp_path / "b")))
+
+
 # ---------------------------------------------------------------------------------------------
 # whole runs on the random tiny model: resume, torchrun. --reward-tol -1 keeps the (all-zero reward)
 # groups, so the entropy bonus still moves the weights and Adam's state matters.
