@@ -1,13 +1,16 @@
 """Small pieces that two or more stages need: compute init, logging, model/tokenizer loading,
-the tiny offline test model, dataset loading, and splitting a completion at </think>.
+the tiny offline test model, dataset loading, splitting a completion at </think>, and the retry delay
+of the HTTP clients (judge.py, rc_decode.py's OpenAI engine).
 
 Nothing here is a framework: every function is a few lines a stage could inline.
 """
 
+import email.utils
 import json
 import os
 import random
 import re
+import time
 
 import numpy as np
 import torch
@@ -221,3 +224,28 @@ def split_thinking(text):
         return re.sub(r"^\s*<think>", "", text).strip(), "", True
     thinking = re.sub(r"^\s*<think>", "", text[:idx]).strip()
     return thinking, text[idx + len(THINK_END):].strip(), False
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP retries (judge.py and rc_decode.py's OpenAI engine)
+
+
+def retry_after_s(headers):
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def retry_delay(attempt, base, cap, retry_after=None, retry_after_max=float("inf")):
+    """Seconds to wait before retry `attempt` + 1: exponential backoff base * 2^attempt (at most cap) with
+    jitter in [half, full], and never less than the server's Retry-After (itself capped)."""
+    delay = min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.0)
+    return delay if retry_after is None else max(delay, min(retry_after, retry_after_max))

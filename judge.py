@@ -26,11 +26,9 @@ Python API (rl.py, eval.py):
 
 import argparse
 import asyncio
-import email.utils
 import hashlib
 import json
 import os
-import random
 import re
 import sqlite3
 import sys
@@ -244,20 +242,6 @@ def _reply_text(data):
     return content or ""  # None: the judge spent its max_tokens reasoning -> no score, parse failure
 
 
-def _retry_after_s(response):
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
 # ---------------------------------------------------------------------------------------------
 # the client
 
@@ -445,17 +429,15 @@ class Judge:
                             return reply, latency
                     elif r.status_code in RETRY_STATUS or r.status_code >= 500:
                         last = f"HTTP {r.status_code}: {r.text[:300]}"
-                        retry_after = _retry_after_s(r)
+                        retry_after = common.retry_after_s(r.headers)
                     else:
                         hint = (f" (is the API key in ${self.api_key_env} right?)"
                                 if r.status_code in (401, 403) else "")
                         raise JudgeError(f"HTTP {r.status_code} from the judge, not retried{hint}: {r.text[:500]}")
             if attempt == self.max_retries:
                 break
-            delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, self.retry_after_max))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(common.retry_delay(attempt, self.backoff_base, self.backoff_max, retry_after,
+                                                   self.retry_after_max))
         raise JudgeError(f"gave up after {self.max_retries + 1} attempts; last error: {last}")
 
 

@@ -20,11 +20,9 @@ Python API (rl.py and eval.py import these; see README):
 import argparse
 import concurrent.futures
 import dataclasses
-import email.utils
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -640,7 +638,7 @@ class OpenAIEngine:
                 err = f"connection error ({type(e).__name__}: {e})"
             else:
                 if r.status_code == 429 or r.status_code >= 500:
-                    err, retry_after = f"HTTP {r.status_code}: {r.text[:200]}", _retry_after(r.headers)
+                    err, retry_after = f"HTTP {r.status_code}: {r.text[:200]}", common.retry_after_s(r.headers)
                 elif r.status_code in (401, 403):
                     err = (f"auth failed (HTTP {r.status_code}): set the API key in the environment variable "
                            f"{self.api_key_env!r}")
@@ -657,25 +655,10 @@ class OpenAIEngine:
                     except (ValueError, KeyError, IndexError, TypeError) as e:
                         err = f"malformed reply ({type(e).__name__}: {e}): {r.text[:200]!r}"
             if attempt < self.max_retries:
-                cap = min(self.max_backoff, self.backoff * 2 ** attempt)
-                delay = cap / 2 + random.uniform(0, cap / 2)  # exponential backoff with jitter
-                time.sleep(max(delay, retry_after) if retry_after is not None else delay)
+                time.sleep(common.retry_delay(attempt, self.backoff, self.max_backoff, retry_after))
         if progress:
             progress(1)
         return Completion("", None, None, "error", error=f"{err} (after {attempt + 1} attempts)")
-
-
-def _retry_after(headers):
-    v = headers.get("retry-after")
-    if v is None:
-        return None
-    try:
-        return max(0.0, float(v))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(v).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _parse_chat_reply(data):

@@ -234,9 +234,9 @@ def test_rewards_and_prompt_errors(tmp_path):
         j.submit([dict(item("a"), reference="ref"), item("b")])
     j.close()
     r = httpx.Response(429, headers={"Retry-After": "2"})
-    assert judge._retry_after_s(r) == 2.0
+    assert common.retry_after_s(r.headers) == 2.0
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < judge._retry_after_s(httpx.Response(429, headers={"Retry-After": date})) <= 31
+    assert 25 < common.retry_after_s(httpx.Response(429, headers={"Retry-After": date}).headers) <= 31
 
 
 # ---------------------------------------------------------------------------------------------
