@@ -11,6 +11,8 @@ Generation servers for --engine remote (the trainer pushes weights after each st
 --weight-sync fs as safetensors in a shared folder that the servers reload):
     VLLM_SERVER_DEV_MODE=1 PYTHONPATH=/path/to/qed-nano vllm serve runs/sft/final \
         --worker-extension-cls rl.VLLMServerSync
+With --lora-r R only the adapter travels (through --sync-dir), so the servers instead run
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve runs/sft/final --enable-lora --max-lora-rank R
 
 A step: a producer thread generates batches (64 problems x 16 rollouts) with the engine's current
 weights, tags every group with that policy version and starts grading it (judge calls run while the
