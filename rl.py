@@ -690,6 +690,10 @@ def push_remote(args, sd, version):
         os.makedirs(path, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
         join(on_all("qed_load_dir", [[path]] * len(urls)))
+        root = os.path.dirname(path)  # every server holds this version now: older copies only fill the disk
+        for d in os.listdir(root):
+            if d.startswith("v") and d < os.path.basename(path):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         return
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup

@@ -449,11 +449,28 @@ class LoraServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def test_fs_weight_sync_keeps_only_the_served_version(tmp_path):
+    LoraServer.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoraServer)  # answers 200 to /collective_rpc too
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = rl.get_args(["--engine", "remote", "--servers", f"http://127.0.0.1:{server.server_port}",
+                            "--weight-sync", "fs", "--output-dir", str(tmp_path)])
+        for version in (1, 2, 3):
+            rl.push_remote(args, {"w": torch.full((2,), float(version))}, version)
+        assert sorted(os.listdir(tmp_path / "sync")) == ["v00003"]  # a 4B model is 8 GB per version
+        assert [b["args"] for p, b in LoraServer.calls] == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
+        assert all(p == "/collective_rpc" and b["method"] == "qed_load_dir" for p, b in LoraServer.calls)
+    finally:
+        server.shutdown()
+
+
 def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from rc_decode import make_engine
 
     model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    LoraServer.calls = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoraServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
