@@ -611,13 +611,31 @@ def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
             push_remote(args, sd, version)
 
 
+def server_post(base, endpoint, body, what, hint, timeout=3600):
+    """POST body to a vLLM server's base/endpoint: None if it answered 200, else an error naming the server."""
+    import httpx
+
+    try:
+        r = httpx.post(f"{base}/{endpoint}", json=body, timeout=timeout)
+    except httpx.HTTPError as e:
+        return f"vLLM server {base} did not answer {what} ({type(e).__name__}: {e}); is it still running?"
+    if r.status_code != 200:
+        return f"vLLM server {base} refused {what} (HTTP {r.status_code}: {r.text[:300]}); {hint}"
+    return None
+
+
+def prune_versions(root, prefix, oldest_kept):
+    """Delete the sync folders <root>/<prefix>NNNNN older than <prefix><oldest_kept>."""
+    for d in os.listdir(root):
+        if d.startswith(prefix) and d < f"{prefix}{oldest_kept:05d}":
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
 def push_adapter(args, model, engine, version):
     """--lora-r with vLLM: save the adapter (PEFT layout) to <sync-dir>/lora_vNNNNN, then the colocated
     engine generates through it, or each server loads it (POST /v1/load_lora_adapter; the servers run with
     --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and see the folder on a shared filesystem)
     and serves it under the name policy-vN, which the rollout requests then ask for."""
-    import httpx
-
     root = os.path.abspath(args.sync_dir or os.path.join(args.output_dir, "sync"))
     path, name = os.path.join(root, f"lora_v{version:05d}"), f"policy-v{version}"
     model.save_pretrained(path)
@@ -627,28 +645,20 @@ def push_adapter(args, model, engine, version):
         errors = []
         for e in engine.engines:  # one OpenAIEngine per server; base = http://host:port/v1
             base, old = e.url.rsplit("/chat/completions", 1)[0], e.model
-            try:
-                r = httpx.post(f"{base}/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=600)
-            except httpx.HTTPError as err:
-                errors.append(f"vLLM server {base} did not answer load_lora_adapter ({type(err).__name__}: {err}); "
-                              "is it still running?")
-                continue
-            if r.status_code != 200:
-                errors.append(f"vLLM server {base} refused load_lora_adapter (HTTP {r.status_code}: {r.text[:300]}); "
+            err = server_post(base, "load_lora_adapter", {"lora_name": name, "lora_path": path}, "load_lora_adapter",
                               "start it with --enable-lora --max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,"
-                              f" with {root} on a filesystem it can read")
+                              f" with {root} on a filesystem it can read", timeout=600)
+            if err:
+                errors.append(err)
                 continue
             e.model = name
             if old.startswith("policy-v"):  # the previous version: nothing is generating with it now
-                try:
-                    httpx.post(f"{base}/unload_lora_adapter", json={"lora_name": old}, timeout=600)
-                except httpx.HTTPError as err:  # costs the server some memory, not correctness
-                    print0(f"warning: vLLM server {base} did not unload {old} ({type(err).__name__})")
+                err = server_post(base, "unload_lora_adapter", {"lora_name": old}, "unload_lora_adapter", "", 600)
+                if err:  # costs the server some memory, not correctness
+                    print0(f"warning: {err}")
         if errors:
             raise RuntimeError("weight sync failed: " + "; ".join(errors))
-    for d in os.listdir(root):  # keep this version and the one before (a server may still be reading it)
-        if d.startswith("lora_v") and d < f"lora_v{version - 1:05d}":
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    prune_versions(root, "lora_v", version - 1)  # keep the one before too: a server may still be reading it
 
 
 _NCCL = {}
@@ -656,20 +666,14 @@ _NCCL = {}
 
 def push_remote(args, sd, version):
     """--engine remote: NCCL broadcast into VLLMServerSync.qed_nccl_recv, or safetensors the servers reload."""
-    import httpx
-
     urls = [u.strip().rstrip("/") for u in args.servers.split(",") if u.strip()]
     errors = []  # the rpc threads' failures, raised by join() in the trainer's thread
 
     def rpc(url, method, *a):
-        try:
-            r = httpx.post(f"{url}/collective_rpc", json={"method": method, "args": [str(x) for x in a]}, timeout=3600)
-        except httpx.HTTPError as e:
-            errors.append(f"vLLM server {url} did not answer {method} ({type(e).__name__}: {e}); is it still running?")
-            return
-        if r.status_code != 200:
-            errors.append(f"vLLM server {url} refused {method} (HTTP {r.status_code}: {r.text[:300]}); start it "
-                          "with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
+        err = server_post(url, "collective_rpc", {"method": method, "args": [str(x) for x in a]}, method,
+                          "start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
+        if err:
+            errors.append(err)
 
     def on_all(method, per_url):  # per_url: the rpc arguments of each server
         ts = [threading.Thread(target=rpc, args=(u, method, *a)) for u, a in zip(urls, per_url)]
@@ -690,10 +694,7 @@ def push_remote(args, sd, version):
         os.makedirs(path, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
         join(on_all("qed_load_dir", [[path]] * len(urls)))
-        root = os.path.dirname(path)  # every server holds this version now: older copies only fill the disk
-        for d in os.listdir(root):
-            if d.startswith("v") and d < os.path.basename(path):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        prune_versions(os.path.dirname(path), "v", version)  # every server holds it: older copies fill the disk
         return
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup

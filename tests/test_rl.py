@@ -395,12 +395,18 @@ def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path,
     assert [m["step"] for m in common.read_jsonl(os.path.join(b, "metrics.jsonl"))] == [1, 2, 3]
 
 
-class RefusingServer(http.server.BaseHTTPRequestHandler):
+class FakeVLLMServer(http.server.BaseHTTPRequestHandler):
+    """The endpoints of a vLLM server that the weight sync calls (/collective_rpc, /v1/load_lora_adapter,
+    /v1/unload_lora_adapter): records each call and answers `status` (a refusing server: 500, or 400 as one
+    without LoRA enabled answers)."""
+    calls, status = [], 200
+
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(500)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        type(self).calls.append((self.path, body))
+        self.send_response(self.status)
         self.end_headers()
-        self.wfile.write(b"Internal Server Error")
+        self.wfile.write(b"ok" if self.status == 200 else b'{"error": "refused"}')
 
     def log_message(self, *a):
         pass
@@ -412,7 +418,8 @@ def test_weight_push_failure_names_the_server(tmp_path):
     with socket.socket() as s:  # a port nobody listens on: a server that died
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingServer)
+    FakeVLLMServer.status = 500
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         urls = f"http://127.0.0.1:{dead},http://127.0.0.1:{server.server_port}"
@@ -425,33 +432,13 @@ def test_weight_push_failure_names_the_server(tmp_path):
         assert f"127.0.0.1:{server.server_port} refused qed_load_dir (HTTP 500" in msg
         assert os.path.exists(os.path.join(str(tmp_path), "sync", "v00001", "model.safetensors"))
     finally:
+        FakeVLLMServer.status = 200
         server.shutdown()
 
 
-class LoraServer(http.server.BaseHTTPRequestHandler):
-    """The two endpoints of a vLLM server (run with --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) that
-    the adapter sync calls; refuses when the class attribute `refuse` is set, as a server without LoRA does."""
-    calls, refuse = [], False
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        type(self).calls.append((self.path, body))
-        if self.refuse:
-            self.send_response(400)
-            self.end_headers()
-            self.wfile.write(b'{"error": "LoRA is not enabled"}')
-            return
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *a):
-        pass
-
-
 def test_fs_weight_sync_keeps_only_the_served_version(tmp_path):
-    LoraServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoraServer)  # answers 200 to /collective_rpc too
+    FakeVLLMServer.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         args = rl.get_args(["--engine", "remote", "--servers", f"http://127.0.0.1:{server.server_port}",
@@ -459,8 +446,9 @@ def test_fs_weight_sync_keeps_only_the_served_version(tmp_path):
         for version in (1, 2, 3):
             rl.push_remote(args, {"w": torch.full((2,), float(version))}, version)
         assert sorted(os.listdir(tmp_path / "sync")) == ["v00003"]  # a 4B model is 8 GB per version
-        assert [b["args"] for p, b in LoraServer.calls] == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
-        assert all(p == "/collective_rpc" and b["method"] == "qed_load_dir" for p, b in LoraServer.calls)
+        sent = [b["args"] for p, b in FakeVLLMServer.calls]
+        assert sent == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
+        assert all(p == "/collective_rpc" and b["method"] == "qed_load_dir" for p, b in FakeVLLMServer.calls)
     finally:
         server.shutdown()
 
@@ -470,8 +458,8 @@ def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
     from rc_decode import make_engine
 
     model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    LoraServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoraServer)
+    FakeVLLMServer.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_port}"
@@ -485,16 +473,16 @@ def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no full weights
         size = os.path.getsize(sync / "lora_v00003" / "adapter_model.safetensors")
         assert size < os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors")) / 20
-        assert LoraServer.calls[0] == ("/v1/load_lora_adapter", {"lora_name": "policy-v1",
+        assert FakeVLLMServer.calls[0] == ("/v1/load_lora_adapter", {"lora_name": "policy-v1",
                                                                  "lora_path": str(sync / "lora_v00001")})
-        assert ("/v1/unload_lora_adapter", {"lora_name": "policy-v2"}) in LoraServer.calls
+        assert ("/v1/unload_lora_adapter", {"lora_name": "policy-v2"}) in FakeVLLMServer.calls
         assert engine.engines[0].model == "policy-v3"  # the rollouts now ask for the newest adapter
-        LoraServer.refuse = True
+        FakeVLLMServer.status = 400
         with pytest.raises(RuntimeError, match="refused load_lora_adapter.*--enable-lora"):
             rl.push_weights(args, model, engine, None, 2.0, 4, 0)
         assert engine.engines[0].model == "policy-v3"
     finally:
-        LoraServer.refuse = False
+        FakeVLLMServer.status = 200
         server.shutdown()
 
 
