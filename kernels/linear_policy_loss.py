@@ -57,9 +57,10 @@ def _check_policy_args(ratio_mode, ratio_cap, clip_low, clip_high, kl_beta, entr
             raise ValueError(f"{name} must be a Python number, got {type(val).__name__}")
     if ratio_cap <= 0:
         raise ValueError(f"ratio_cap={ratio_cap}: expected > 0")
-    if not (0 <= clip_low < 1) or clip_high < 0:
-        raise ValueError(f"clip_low={clip_low}, clip_high={clip_high}: expected 0 <= clip_low < 1 "
-                         "and clip_high >= 0")
+    # clip_low >= 1 is allowed: the lower bound 1 - clip_low <= 0 then never binds (ratios are positive),
+    # which is the recipe's eps = 4 on both sides (only A > 0 tokens with r > 1 + clip_high lose their gradient)
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"clip_low={clip_low}, clip_high={clip_high}: expected both >= 0")
     if kl_beta < 0:
         raise ValueError(f"kl_beta={kl_beta}: expected >= 0")
 
