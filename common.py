@@ -127,6 +127,22 @@ def load_model_and_tokenizer(name_or_path, *, tokenizer=None, **model_kwargs):
 
 
 TINY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiny-qwen3")
+CHAT_TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chat_templates")
+# The offline tokenizer's own template is the hybrid Qwen3 one (thinking only if enable_thinking); the
+# target models behave otherwise: Qwen3-4B-Thinking-2507 always opens <think> in its generation prompt,
+# Qwen3-4B-Instruct-2507 never thinks. These two files behave like theirs (shared/RECIPE.md).
+CHAT_TEMPLATES = {"thinking": "qwen3_thinking_2507.jinja", "instruct": "qwen3_instruct_2507.jinja", "hybrid": None}
+
+
+def chat_template(kind):
+    """The chat template text of `kind`: "thinking" (like Qwen3-4B-Thinking-2507), "instruct" (like
+    Qwen3-4B-Instruct-2507) or "hybrid" (None: the hybrid Qwen3 template shipped with the tokenizer)."""
+    if kind not in CHAT_TEMPLATES:
+        raise ValueError(f"chat template {kind!r}: choose one of {sorted(CHAT_TEMPLATES)}")
+    if CHAT_TEMPLATES[kind] is None:
+        return None
+    with open(os.path.join(CHAT_TEMPLATE_DIR, CHAT_TEMPLATES[kind])) as f:
+        return f.read()
 
 
 def tiny_qwen3_config(vocab_size=151936):
@@ -140,22 +156,34 @@ def tiny_qwen3_config(vocab_size=151936):
                        pad_token_id=151643)
 
 
-def make_tiny_model(out_dir=TINY_MODEL_DIR, *, seed=0, overwrite=False):
+def make_tiny_model(out_dir=TINY_MODEL_DIR, *, seed=0, overwrite=False, template="thinking"):
     """Write a random-weight tiny Qwen3 plus the real Qwen3 tokenizer to `out_dir` (safetensors,
-    Hugging Face layout) and return the folder: load it like any hub model. Deterministic in `seed`."""
+    Hugging Face layout) and return the folder: load it like any hub model. Deterministic in `seed`.
+    `template` picks the tokenizer's chat template (chat_template): "thinking" by default, because the
+    real base model, Qwen3-4B-Thinking-2507, always thinks. A folder made with another template is
+    rewritten."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    marker = os.path.join(out_dir, "model.safetensors")
-    if os.path.exists(marker) and not overwrite:
-        return out_dir
+    marker = os.path.join(out_dir, "tiny_template.txt")  # which template the folder was made with
+    if os.path.exists(os.path.join(out_dir, "model.safetensors")) and not overwrite and os.path.exists(marker):
+        with open(marker) as f:
+            if f.read().strip() == template:
+                return out_dir
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_qwen3_config(), dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643)
     tmp = out_dir + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
-    load_tokenizer(qwen_tokenizer_dir()).save_pretrained(tmp)
-    for name in os.listdir(tmp):  # move file by file so a concurrent maker never sees half a folder
+    tok = load_tokenizer(qwen_tokenizer_dir())
+    text = chat_template(template)
+    if text is not None:
+        tok.chat_template = text
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "tiny_template.txt"), "w") as f:
+        f.write(template)
+    names = sorted(os.listdir(tmp), key=lambda n: n == "tiny_template.txt")  # the marker last
+    for name in names:  # move file by file so a concurrent maker never sees half a folder
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     os.rmdir(tmp)
     return out_dir

@@ -40,10 +40,14 @@ PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 @dataclasses.dataclass
 class Sampling:
     """Per-call sampling settings. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
-    seed None = nondeterministic; engines derive one seed per request from it (seed + index)."""
+    seed None = nondeterministic; engines derive one seed per request from it (seed + index).
+    max_tokens is a cap: the hf and vllm engines clamp each request to what the model's context leaves
+    after its prompt (Completion.max_tokens records the budget a request really had).
+    The defaults are the released code's sampling (T 0.8, no nucleus, no top-k: eval's run scripts and
+    RL's rollouts); the model card's T 0.6 / top_p 0.95 is Sampling(n, 0.6, 0.95)."""
     max_tokens: int
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = 0.8
+    top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks only)
@@ -66,6 +70,7 @@ class Completion:
     prompt_token_ids: list | None = None
     error: str | None = None
     num_tokens: int | None = None  # generated tokens when token_ids is None (from the server's usage)
+    max_tokens: int | None = None  # the request's budget after clamping to the context (None: unknown)
 
 
 def num_generated(c):
@@ -107,21 +112,59 @@ def _user(text):
     return [{"role": "user", "content": text}]
 
 
-def direct_messages(problem):
-    return _user(fill_prompt("direct_proof", problem=problem))
+def task_text(problem, task_prompt="direct_proof"):
+    """The task a model is given for `problem`: prompts/<task_prompt>.txt filled with it ("direct_proof":
+    the evaluation and RL proof prompt; "answerbench": reason step by step, answer in \boxed{})."""
+    return fill_prompt(task_prompt, problem=problem)
 
 
-def reasoning_messages(problem, summary=None):
-    """The reasoner's prompt for one RC turn: the problem alone (first turn) or with the summary."""
-    if summary is None:
-        return _user(fill_prompt("rc_reasoning_first", problem=problem))
-    return _user(fill_prompt("rc_reasoning", problem=problem, summary=summary))
+def direct_messages(problem, task_prompt="direct_proof"):
+    return _user(task_text(problem, task_prompt))
+
+
+# What the RC reasoning prompt holds in its summary slot before any attempt was summarized: every turn,
+# the first included, uses the same prompt (the released eval and RL code do the same).
+NO_SUMMARY = "(no previous summary: this is the first attempt)"
+
+
+def reasoning_messages(problem, summary=None, task_prompt="direct_proof"):
+    """The reasoner's prompt for one RC turn: the task text and the previous summary (None on turn 1 and
+    for RL's empty state: the same prompt with the NO_SUMMARY marker in the summary slot)."""
+    return _user(fill_prompt("rc_reasoning", problem=task_text(problem, task_prompt),
+                             summary=NO_SUMMARY if summary is None else summary))
 
 
 def summary_messages(problem, summary, reasoning):
     """The summarizer's prompt: problem, previous summary (None on turn 1) and the turn's thinking text."""
-    prev = summary if summary else "(none: this was the first attempt)"
-    return _user(fill_prompt("rc_summary", problem=problem, summary=prev, reasoning=reasoning))
+    return _user(fill_prompt("rc_summary", problem=problem, summary=NO_SUMMARY if summary is None else summary,
+                             reasoning=reasoning))
+
+
+def opened_thinking(c, tokenizer=None):
+    """True when completion `c` started inside a <think> block: the chat template's generation prompt
+    ended with <think> (Qwen3-4B-Thinking-2507's always does, whatever enable_thinking says) or the
+    text opens one itself. Read from what came back, so no flag has to say that a model thinks."""
+    if c.text.lstrip().startswith("<think>"):
+        return True
+    if tokenizer is not None and c.prompt_token_ids:
+        return tokenizer.decode(c.prompt_token_ids[-4:]).rstrip().endswith("<think>")
+    return False
+
+
+def summary_text(c, tokenizer=None):
+    """(summary, error) from a summarizer's completion. A summarizer that thinks gives its summary as the
+    text after its last </think>; one that opened <think> and never closed it gave none (an error: its
+    reasoning is never kept as the summary); a non-thinking summarizer's whole text is the summary."""
+    if c.error:
+        return None, c.error
+    if "</think>" in c.text:
+        text = common.split_thinking(c.text)[1]
+    elif opened_thinking(c, tokenizer):
+        return None, (f"the summarizer thought for {num_generated(c)} tokens and never closed </think> "
+                      f"({c.finish_reason}); no summary")
+    else:
+        text = c.text.strip()
+    return (text, None) if text else (None, "the summarizer returned an empty summary")
 
 
 def verify_messages(problem, proof):
@@ -133,17 +176,33 @@ def refine_messages(problem, proof, reviews):
     return _user(fill_prompt("refine_proof", problem=problem, proof=proof, reviews=text))
 
 
+_SOLUTION_HEAD = re.compile(r"^[ \t]*#+[ \t]*\**[ \t]*solution\b.*$", re.IGNORECASE | re.MULTILINE)
+_SELF_EVAL_HEAD = re.compile(r"^[ \t]*#+[ \t]*\**[ \t]*self[ \t-]*evaluation\b", re.IGNORECASE | re.MULTILINE)
+_SELF_EVAL_ANY = re.compile(r"self[ \t-]*evaluation", re.IGNORECASE)
+
+
+def extract_proof(answer):
+    """The proof of a proof-then-self-evaluation answer (prompts/proof_self_eval.txt): the text after a
+    "## Solution" heading and before the "## Self Evaluation" heading (or, without that heading, before
+    the first mention of a self evaluation); the whole answer when neither marker is there."""
+    start = _SOLUTION_HEAD.search(answer)
+    body = answer[start.end():] if start else answer
+    end = _SELF_EVAL_HEAD.search(body) or _SELF_EVAL_ANY.search(body)
+    return (body[:end.start()] if end else body).strip()
+
+
+_VERDICT = re.compile(r"\\boxed\{\s*(0|0\.5|1)\s*\}")
+
+
 def parse_verdict(text):
-    """The 0 / 0.5 / 1 verdict in the last \\boxed{} after </think>; None if absent or another value."""
+    """A verification's score: the FIRST \\boxed{0}, \\boxed{0.5} or \\boxed{1} in the text after
+    </think> (boxes holding anything else are skipped); None when the verification was cut before
+    </think> or holds no such box (both count 0)."""
     _, answer, truncated = common.split_thinking(text)
     if truncated:
         return None
-    boxes = re.findall(r"\\boxed\{\s*([^{}]*?)\s*\}", answer)
-    if not boxes:
-        return None
-    v = boxes[-1].replace(" ", "").replace("$", "")
-    table = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "0.5": 0.5, ".5": 0.5, "1/2": 0.5}
-    return table.get(v)
+    m = _VERDICT.search(answer)
+    return float(m.group(1)) if m else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,36 +336,33 @@ class HFEngine:
     @torch.inference_mode()
     def generate(self, prompts, sampling, thinking=True, progress=None):
         """Completions for `prompts` (each a list of {role, content} messages or a list of token ids)."""
-        _check_sampling(sampling, self.context_length)
+        _check_sampling(sampling)
         ids = [self.encode(p, thinking) for p in prompts]
         out = [None] * len(ids)
-        ok = []
-        for i, x in enumerate(ids):
-            if self.context_length and len(x) + sampling.max_tokens > self.context_length:
-                out[i] = Completion("", None, None, "error", prompt_token_ids=x, error=(
-                    f"prompt {i} has {len(x)} tokens; with max_tokens {sampling.max_tokens} it exceeds the "
-                    f"model's context of {self.context_length}"))
-            else:
-                ok.append(i)
+        budgets, errors = clamp_budgets(ids, sampling.max_tokens, self.context_length)
+        for i, err in errors.items():
+            out[i] = Completion("", None, None, "error", prompt_token_ids=ids[i], error=err)
+        ok = [i for i in range(len(ids)) if i not in errors]
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in self._micro_batches(ok, ids, sampling.max_tokens):
+            for batch in self._micro_batches(ok, ids, budgets):
                 seed = None if sampling.seed is None else sampling.seed + batch[0]
-                toks, lps = self._generate_batch([ids[i] for i in batch], sampling, seed)
+                toks, lps = self._generate_batch([ids[i] for i in batch], [budgets[i] for i in batch], sampling, seed)
                 for i, t, lp in zip(batch, toks, lps):
-                    out[i] = self._completion(t, lp, ids[i], sampling)
+                    out[i] = self._completion(t[:budgets[i]], lp[:budgets[i]], ids[i], sampling, budgets[i])
                 if progress:
                     progress(len(batch))
         finally:
             self.model.train(was_training)
         return out
 
-    def _micro_batches(self, idx, ids, max_new):
+    def _micro_batches(self, idx, ids, budgets):
         order = sorted(idx, key=lambda i: -len(ids[i]))
         batch = []
         for i in order:
             longest = len(ids[batch[0]]) if batch else len(ids[i])
+            max_new = max(budgets[j] for j in batch + [i])
             if batch and (len(batch) >= self.max_batch_size
                           or (len(batch) + 1) * (longest + max_new) > self.max_batch_tokens):
                 yield batch
@@ -315,22 +371,24 @@ class HFEngine:
         if batch:
             yield batch
 
-    def _completion(self, toks, lps, prompt_ids, sampling):
+    def _completion(self, toks, lps, prompt_ids, sampling, budget):
         stop = [j for j, t in enumerate(toks) if t in self._eos] if not sampling.ignore_eos else []
         if stop:
             toks, lps, reason = toks[:stop[0] + 1], lps[:stop[0] + 1], "stop"
         else:
             reason = "length"
         text = self.tokenizer.decode(toks, skip_special_tokens=True)
-        return Completion(text, toks, lps, reason, prompt_token_ids=list(prompt_ids))
+        return Completion(text, toks, lps, reason, prompt_token_ids=list(prompt_ids), max_tokens=budget)
 
-    def _generate_batch(self, batch_ids, sampling, seed):
-        """(B rows of prompt ids) -> (B lists of new token ids, B lists of logprobs), max_tokens each."""
+    def _generate_batch(self, batch_ids, budgets, sampling, seed):
+        """(B rows of prompt ids, B budgets) -> (B lists of new token ids, B lists of logprobs), max(budgets)
+        long each; row r is done after budgets[r] tokens (the caller cuts it there)."""
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed)
-        B, P, N = len(batch_ids), max(len(x) for x in batch_ids), sampling.max_tokens
+        B, P, N = len(batch_ids), max(len(x) for x in batch_ids), max(budgets)
+        limit = torch.tensor(budgets, device=self.device)  # (B,)
         pad = torch.tensor([P - len(x) for x in batch_ids], device=self.device)  # left padding (B,)
         ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=self.device)
         for r, x in enumerate(batch_ids):
@@ -346,10 +404,11 @@ class HFEngine:
             tok, lp = sample_tokens(logits, sampling, gen)
             tok = torch.where(done, self.pad_id, tok)
             out_tok[:, t], out_lp[:, t] = tok, lp
+            done |= limit <= t + 1  # a row clamped to a shorter budget stops there
             if not sampling.ignore_eos:
                 done |= torch.isin(tok, self.eos_ids)
-                if t % 16 == 15 and bool(done.all()):  # the only host sync, every 16 steps
-                    break
+            if t % 16 == 15 and bool(done.all()):  # the only host sync, every 16 steps
+                break
         return out_tok.tolist(), out_lp.tolist()
 
     # ---- the generic path: HF's DynamicCache, one model() call per step
@@ -453,14 +512,25 @@ def _encode_prompt(tokenizer, prompt, thinking):
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _check_sampling(s, context_length):
+def clamp_budgets(ids, max_tokens, context_length):
+    """Per prompt, the new-token budget min(max_tokens, context - prompt length), and {index: error} for
+    prompts that leave no room at all. The released eval asks for 229,376 new tokens per call whatever
+    the prompt holds (an RC summary's prompt holds a whole reasoning turn), so a budget is a cap."""
+    budgets, errors = [], {}
+    for i, x in enumerate(ids):
+        room = context_length - len(x) if context_length else max_tokens
+        budgets.append(min(max_tokens, room))
+        if room < 1:
+            errors[i] = (f"prompt {i} has {len(x)} tokens: no room for new tokens in the model's context of "
+                         f"{context_length}; shorten the prompt or use a longer context (--max-model-len)")
+    return budgets, errors
+
+
+def _check_sampling(s):
     if not isinstance(s, Sampling):
         raise ValueError(f"sampling must be a rc_decode.Sampling, got {type(s).__name__}")
     if s.max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {s.max_tokens}")
-    if context_length and s.max_tokens >= context_length:
-        raise ValueError(f"max_tokens {s.max_tokens} does not fit the model's context of {context_length} "
-                         "tokens (prompt included); lower the budget or use a longer-context model")
     if s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
         raise ValueError(f"bad sampling settings {s}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
 
@@ -514,20 +584,23 @@ class VLLMEngine:
 
     def generate(self, prompts, sampling, thinking=True, progress=None):
         from vllm import SamplingParams
-        _check_sampling(sampling, self.context_length)
+        _check_sampling(sampling)
         ids = [_encode_prompt(self.tokenizer, p, thinking) for p in prompts]
-        params = [SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+        budgets, errors = clamp_budgets(ids, sampling.max_tokens, self.context_length)
+        ok = [i for i in range(len(ids)) if i not in errors]
+        params = [SamplingParams(max_tokens=budgets[i], temperature=sampling.temperature,
                                  top_p=sampling.top_p, top_k=sampling.top_k, logprobs=0,
                                  ignore_eos=sampling.ignore_eos,
-                                 seed=None if sampling.seed is None else sampling.seed + i) for i in range(len(ids))]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False,
-                                 lora_request=self.lora_request)
-        res = []
-        for x, o in zip(ids, outs):
+                                 seed=None if sampling.seed is None else sampling.seed + i) for i in ok]
+        outs = self.llm.generate([{"prompt_token_ids": ids[i]} for i in ok], params, use_tqdm=False,
+                                 lora_request=self.lora_request) if ok else []
+        res = [Completion("", None, None, "error", prompt_token_ids=ids[i], error=errors[i]) if i in errors
+               else None for i in range(len(ids))]
+        for i, o in zip(ok, outs):
             c = o.outputs[0]
             lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if c.logprobs is not None else None
             reason = c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
-            res.append(Completion(c.text, list(c.token_ids), lps, reason, prompt_token_ids=x))
+            res[i] = Completion(c.text, list(c.token_ids), lps, reason, prompt_token_ids=ids[i], max_tokens=budgets[i])
         if progress:
             progress(len(res))
         return res
@@ -598,7 +671,7 @@ class OpenAIEngine:
         self.context_length, self.tokenizer = None, None
 
     def generate(self, prompts, sampling, thinking=True, progress=None):
-        _check_sampling(sampling, None)
+        _check_sampling(sampling)
         bodies = [self._payload(i, p, sampling, thinking) for i, p in enumerate(prompts)]
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as ex:
             res = list(ex.map(lambda b: self._one(b, progress), bodies))
@@ -708,23 +781,11 @@ def _items(problems, samples):
     return [(pi, si) for pi in range(len(problems)) for si in range(samples)]
 
 
-def _prompt_len(engine, messages, thinking):
-    tok = getattr(engine, "tokenizer", None)
-    return len(_encode_prompt(tok, messages, thinking)) if tok is not None else 0
-
-
-def _check_budget(engine, name, need, what):
-    ctx = getattr(engine, "context_length", None)
-    if ctx and need > ctx:
-        raise ValueError(f"{what} needs up to {need} tokens but the {name} model's context is {ctx}; "
-                         "lower the budgets (--reason-budget, --summary-budget, --verify-budget) or use a "
-                         "longer-context model")
-
-
 def _turn(messages, c, thinking=True, keep_tokens=False):
     reasoning, answer, truncated = common.split_thinking(c.text) if thinking else ("", c.text.strip(), False)
     t = {"prompt": messages, "reasoning": reasoning, "answer": answer, "completion": c.text,
-         "tokens": num_generated(c), "finish_reason": c.finish_reason, "truncated": truncated or bool(c.error)}
+         "tokens": num_generated(c), "budget": c.max_tokens, "finish_reason": c.finish_reason,
+         "truncated": truncated or bool(c.error)}
     if c.error:
         t["error"] = c.error
     if keep_tokens:
@@ -744,42 +805,43 @@ def _finish(trace, turn):
 
 
 def run_rc(problems, reasoner, *, summarizer=None, turns=3, reason_sampling=None, summary_sampling=None,
-           samples=1, progress=True, summary_thinking=False, final_summary=True, keep_tokens=False):
-    """Reasoning cache: per turn, reason from (problem, summary), then summarize that turn's thinking
+           samples=1, progress=True, summary_thinking=True, final_summary=False, keep_tokens=False,
+           task_prompt="direct_proof"):
+    """Reasoning cache: per turn, reason from (task, summary), then summarize that turn's thinking
     together with the old summary into a new summary that REPLACES it. Only the summary crosses turns;
     the answer is the last turn's text after </think>.
 
-    Every turn is one reasoner call and one summarizer call over all problems x samples still running
-    (a failed item stops only its own trace). final_summary=True also summarizes the last turn, giving
-    rl.py the states (None, S1, ..., S_turns). Returns one trace per (problem, sample), problem-major:
-    dict(problem, problem_index, sample_index, scaffold, turns=[{prompt, summary_in, reasoning, answer,
-    completion, summary_out, tokens, summary_tokens, finish_reason, summary_finish_reason, truncated}],
-    states, final_answer, final_completion, truncated, total_tokens[, error]).
+    Every turn uses the same prompt (rc_reasoning: turn 1 holds the NO_SUMMARY marker). The summary is
+    read from what came back (summary_text): after the last </think> when the summarizer thought; a
+    summarizer that opened <think> and never closed it fails that summary (turn["summary_error"], counted
+    in trace["summary_failures"]) and the next turn starts from the last good summary. summary_thinking
+    is only the enable_thinking the summarizer's chat template is asked for (a Thinking-2507 template
+    thinks regardless). Each turn is one reasoner call and one summarizer call over every (problem,
+    sample) still running; an engine error stops only its own trace. No summary follows the last turn
+    unless final_summary=True (rl.py's states need it: None, S1, ..., S_turns).
+    Returns one trace per (problem, sample), problem-major: dict(problem, problem_index, sample_index,
+    scaffold, turns=[{prompt, summary_in, reasoning, answer, completion, summary_out, summary_error,
+    tokens, budget, summary_tokens, finish_reason, summary_finish_reason, truncated}], states,
+    summary_failures, final_answer, final_completion, truncated, total_tokens[, error]).
     """
-    reason_sampling = reason_sampling or Sampling(49152, 0.6, 0.95)
-    summary_sampling = summary_sampling or Sampling(2048, 0.7, 0.8, 20)
+    reason_sampling = reason_sampling or Sampling(49152)
+    summary_sampling = summary_sampling or reason_sampling
     summarizer = summarizer or reasoner
     items = _items(problems, samples)
     if turns < 1:
         raise ValueError(f"turns must be >= 1, got {turns}")
-    H_R, H_S = reason_sampling.max_tokens, summary_sampling.max_tokens
-    for pi in range(len(problems)):  # budgets vs contexts, before any generation
-        head = _prompt_len(reasoner, reasoning_messages(problems[pi], "x"), True)
-        _check_budget(reasoner, "reasoner", head + H_S + H_R, f"problem {pi}'s reasoning turn")
-        head = _prompt_len(summarizer, summary_messages(problems[pi], "x", "x"), summary_thinking)
-        _check_budget(summarizer, "summarizer", head + H_R + 2 * H_S, f"problem {pi}'s summary")
     traces = [{"problem": problems[pi], "problem_index": pi, "sample_index": si, "scaffold": "rc",
-               "turns": [], "states": [None]} for pi, si in items]
-    summary = [None] * len(items)
+               "turns": [], "states": [None], "summary_failures": 0} for pi, si in items]
+    summary = [None] * len(items)  # the summary each (problem, sample) carries into its next turn
     active = list(range(len(items)))
     bar = _bar(progress, len(items) * (2 * turns - (0 if final_summary else 1)), "rc")
     for t in range(turns):
-        msgs = [reasoning_messages(problems[items[k][0]], summary[k]) for k in active]
+        msgs = [reasoning_messages(problems[items[k][0]], summary[k], task_prompt) for k in active]
         comps = reasoner.generate(msgs, _reseed(reason_sampling, 2 * t * 100_003), thinking=True,
                                   progress=bar.update)
         for k, m, c in zip(active, msgs, comps):
             turn = _turn(m, c, True, keep_tokens)
-            turn.update(turn=t, summary_in=summary[k], summary_out=None, summary_tokens=0,
+            turn.update(turn=t, summary_in=summary[k], summary_out=None, summary_error=None, summary_tokens=0,
                         summary_finish_reason=None)
             traces[k]["turns"].append(turn)
             if c.error:
@@ -793,11 +855,13 @@ def run_rc(problems, reasoner, *, summarizer=None, turns=3, reason_sampling=None
                                     thinking=summary_thinking, progress=bar.update)
         for k, c in zip(active, comps):
             turn = traces[k]["turns"][-1]
-            # a thinking summarizer's summary is its text after </think>; an instruct one's is all of it
-            text = common.split_thinking(c.text)[1] if summary_thinking else c.text.strip()
-            turn.update(summary_out=text, summary_tokens=num_generated(c), summary_finish_reason=c.finish_reason)
-            if c.error or not text:
-                traces[k]["error"] = f"turn {t + 1} summary: {c.error or 'the summarizer returned no summary'}"
+            text, err = summary_text(c, getattr(summarizer, "tokenizer", None))
+            turn.update(summary_out=text, summary_error=err, summary_tokens=num_generated(c),
+                        summary_finish_reason=c.finish_reason)
+            if c.error:  # the engine failed (a server error after retries): the trace stops, a rerun redoes it
+                traces[k]["error"] = f"turn {t + 1} summary: {c.error}"
+            elif err:  # no usable summary: counted; the next turn keeps the last good one
+                traces[k]["summary_failures"] += 1
             else:
                 summary[k] = text  # replaces the old summary
                 traces[k]["states"].append(text)
@@ -806,14 +870,12 @@ def run_rc(problems, reasoner, *, summarizer=None, turns=3, reason_sampling=None
     return [_finish(tr, tr["turns"][-1]) for tr in traces]
 
 
-def run_direct(problems, engine, sampling=None, samples=1, progress=True, keep_tokens=False):
-    """One proof per (problem, sample) from the evaluation prompt; same trace shape as run_rc (one turn)."""
-    sampling = sampling or Sampling(49152, 0.6, 0.95)
+def run_direct(problems, engine, sampling=None, samples=1, progress=True, keep_tokens=False,
+               task_prompt="direct_proof"):
+    """One answer per (problem, sample) from prompts/<task_prompt>.txt; same trace shape as run_rc (one turn)."""
+    sampling = sampling or Sampling(49152)
     items = _items(problems, samples)
-    for pi, p in enumerate(problems):
-        _check_budget(engine, "reasoner", _prompt_len(engine, direct_messages(p), True) + sampling.max_tokens,
-                      f"problem {pi}'s proof")
-    msgs = [direct_messages(problems[pi]) for pi, _ in items]
+    msgs = [direct_messages(problems[pi], task_prompt) for pi, _ in items]
     bar = _bar(progress, len(items), "direct")
     comps = engine.generate(msgs, sampling, thinking=True, progress=bar.update)
     bar.close()
@@ -827,79 +889,91 @@ def run_direct(problems, engine, sampling=None, samples=1, progress=True, keep_t
     return traces
 
 
-def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=None, n_proofs=4,
-                      n_verify=4, rounds=2, n_critiques=2, samples=1, verifier=None, progress=True):
-    """Self-verification in the style of DeepSeek-Math-V2: n_proofs proofs per (problem, sample), each
-    verified n_verify times (verdict 0 / 0.5 / 1 in \\boxed{}, an unparsable verdict counts 0); then up
-    to `rounds` times the best proof is refined n_proofs times using its n_critiques lowest-scored
-    verifications, and the new proofs are verified. Stops early for a trace whose best proof scores 1.
-    Returns the best-verified proof (ties: the later one). turns = every candidate with its
-    verifications and score; final_answer/final_completion = the best candidate's."""
-    proof_sampling = proof_sampling or Sampling(49152, 0.6, 0.95)
-    verify_sampling = verify_sampling or Sampling(16384, 0.6, 0.95)
+def proof_messages(problem):
+    """The verify-and-refine agent's first proofs: the proof, then a self-evaluation section (cut off
+    by extract_proof before anything sees the proof)."""
+    return _user(fill_prompt("proof_self_eval", problem=problem))
+
+
+def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=None, refine_sampling=None,
+                      n_proofs=4, n_verify=4, rounds=2, n_critiques=2, samples=1, verifier=None, progress=True):
+    """Verify-and-refine in the style of DeepSeek-Math-V2, as the released agent runs it.
+
+    Per (problem, sample): a pool of n_proofs proofs written with the proof-then-self-evaluation prompt
+    (the proof is cut before its self-evaluation); each proof verified n_verify times, a verification
+    scored by its FIRST \\boxed{0|0.5|1} after </think> (none: 0), a proof scored by the mean. Then up
+    to `rounds` iterations: stop when some proof's mean reached 1; else refine each of the n_proofs best
+    proofs by mean once, giving it its n_critiques lowest-scored verifications; the new proofs are
+    verified the same way and join the pool. The answer is the best mean over the whole pool, the
+    first on ties. A proof cut at its budget (no </think>) scores 0 without verification.
+    turns = every candidate in pool order (round, parent, proof, verifications, score);
+    final_answer/final_completion = the best candidate's proof and raw completion."""
+    proof_sampling = proof_sampling or Sampling(49152)
+    verify_sampling = verify_sampling or proof_sampling
+    refine_sampling = refine_sampling or proof_sampling
     verifier = verifier or engine
     items = _items(problems, samples)
-    H_P, H_V = proof_sampling.max_tokens, verify_sampling.max_tokens
-    for pi, p in enumerate(problems):  # a verification holds a whole proof; a refinement, critiques too
-        _check_budget(verifier, "verifier", _prompt_len(verifier, verify_messages(p, "x"), True) + H_P + H_V,
-                      f"problem {pi}'s verification")
-        need = _prompt_len(engine, refine_messages(p, "x", ["x"] * n_critiques), True) + H_P * 2 + H_V * n_critiques
-        _check_budget(engine, "reasoner", need if rounds else H_P, f"problem {pi}'s refinement")
     traces = [{"problem": problems[pi], "problem_index": pi, "sample_index": si, "scaffold": "verify-refine",
                "turns": []} for pi, si in items]
     bar = _bar(progress, len(items) * n_proofs * (1 + n_verify) * (1 + rounds), "verify-refine")
     calls = [0]
 
-    def propose(jobs, rnd):  # jobs: [(trace k, messages, parent index)] -> new candidates, then verify them
-        comps = engine.generate([m for _, m, _ in jobs], _reseed(proof_sampling, calls[0] * 100_003),
+    def add(jobs, rnd, sampling):  # jobs: [(trace k, messages, parent index)] -> new candidates, verified
+        comps = engine.generate([m for _, m, _ in jobs], _reseed(sampling, calls[0] * 100_003),
                                 thinking=True, progress=bar.update)
         calls[0] += 1
         new = []
         for (k, m, parent), c in zip(jobs, comps):
             cand = dict(_turn(m, c, True), turn=len(traces[k]["turns"]), round=rnd, parent=parent,
                         verifications=[], score=0.0)
+            cand["proof"] = extract_proof(cand["answer"])
             traces[k]["turns"].append(cand)
             new.append((k, cand))
-        vjobs = [(cand, verify_messages(problems[items[k][0]], cand["answer"])) for k, cand in new
-                 if not cand["truncated"]] * n_verify  # a truncated proof scores 0 unverified
+        vjobs = [(cand, verify_messages(problems[items[k][0]], cand["proof"])) for k, cand in new
+                 if not cand["truncated"]] * n_verify
         bar.update(len(new) * n_verify - len(vjobs))
         comps = verifier.generate([m for _, m in vjobs], _reseed(verify_sampling, calls[0] * 100_003),
                                   thinking=True, progress=bar.update)
         calls[0] += 1
         for (cand, _), c in zip(vjobs, comps):
-            v = parse_verdict(c.text)
-            cand["verifications"].append({"verdict": v, "analysis": common.split_thinking(c.text)[1],
+            cand["verifications"].append({"verdict": parse_verdict(c.text), "analysis": common.split_thinking(c.text)[1],
                                           "completion": c.text, "tokens": num_generated(c),
                                           "finish_reason": c.finish_reason, "error": c.error})
         for _, cand in new:
             vs = [v["verdict"] or 0.0 for v in cand["verifications"]]
             cand["score"] = sum(vs) / len(vs) if vs else 0.0
 
-    def best(k):
+    def ranked(k):  # pool indices by mean score, best first; ties: the earlier candidate first
         cands = traces[k]["turns"]
-        return max(range(len(cands)), key=lambda j: (cands[j]["score"], j))
+        return sorted(range(len(cands)), key=lambda j: (-cands[j]["score"], j))
 
-    propose([(k, direct_messages(problems[pi]), None) for k, (pi, _) in enumerate(items) for _ in range(n_proofs)], 0)
+    add([(k, proof_messages(problems[pi]), None) for k, (pi, _) in enumerate(items) for _ in range(n_proofs)], 0,
+        proof_sampling)
     for rnd in range(1, rounds + 1):
         jobs = []
         for k, (pi, _) in enumerate(items):
-            b = best(k)
-            cand = traces[k]["turns"][b]
-            if cand["score"] >= 1.0 or cand["truncated"]:
-                continue  # already fully verified, or nothing to refine
-            crit = sorted(cand["verifications"], key=lambda v: v["verdict"] if v["verdict"] is not None else -1)
-            reviews = [v["analysis"] or v["completion"] for v in crit[:n_critiques]]
-            jobs += [(k, refine_messages(problems[pi], cand["answer"], reviews), b)] * n_proofs
+            cands = traces[k]["turns"]
+            if cands[ranked(k)[0]]["score"] >= 1.0:
+                continue  # a proof every verification accepted: done
+            for j in ranked(k)[:n_proofs]:
+                crit = sorted(cands[j]["verifications"], key=lambda v: v["verdict"] or 0.0)[:n_critiques]
+                reviews = [v["analysis"] or v["completion"] for v in crit]
+                jobs.append((k, refine_messages(problems[pi], cands[j]["proof"], reviews), j))
         if not jobs:
             break
-        propose(jobs, rnd)
+        add(jobs, rnd, refine_sampling)
     bar.close()
     for k, tr in enumerate(traces):
-        b = tr["turns"][best(k)]
-        tr["best_turn"], tr["best_score"] = best(k), b["score"]
+        b = ranked(k)[0]
+        tr["best_turn"], tr["best_score"] = b, tr["turns"][b]["score"]
         if all(c.get("error") for c in tr["turns"]):
             tr["error"] = tr["turns"][0]["error"]
-        _finish(tr, b)
+        _finish(tr, tr["turns"][b])
+        # graders read the text after </think>: the best proof alone, its self-evaluation cut (as released)
+        c = tr["final_completion"]
+        if not tr["truncated"]:
+            tr["final_completion"] = c[:c.rfind(common.THINK_END) + len(common.THINK_END)] + "\n\n" + tr["turns"][b]["proof"]
+        tr["final_answer"] = tr["turns"][b]["proof"]
     return traces
 
 
@@ -944,29 +1018,39 @@ def build_parser():
                    help="default: the reasoner summarizes itself (test time); RL used Qwen/Qwen3-4B-Instruct-2507")
     p.add_argument("--summarizer-engine", default=None, choices=["hf", "vllm", "openai"], help="default: --engine")
     p.add_argument("--summarizer-base-url", default=None, help="openai summarizer URL (default: --base-url)")
-    p.add_argument("--summary-thinking", action="store_true",
-                   help="summarize with thinking on (summary = text after </think>); default off (instruct)")
+    p.add_argument("--summary-thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask the summarizer's chat template for thinking (enable_thinking); the summary is read "
+                        "from what comes back either way (the text after </think> when it thought)")
     # ---- scaffold and budgets (tokens)
     p.add_argument("--scaffold", default="rc", choices=["rc", "direct", "verify-refine"], help="decoding scaffold")
+    p.add_argument("--task-prompt", default="direct_proof",
+                   help="prompts/<name>.txt that turns a problem into the task (direct_proof; answerbench)")
     p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--reason-budget", type=int, default=49152,
-                   help="max new tokens per reasoning turn / proof (rc, direct, verify-refine)")
-    p.add_argument("--summary-budget", type=int, default=2048, help="rc: max new tokens per summary")
-    p.add_argument("--no-final-summary", action="store_true",
-                   help="rc: skip summarizing the last turn (its summary is only an RL state)")
+    p.add_argument("--reason-budget", type=int, default=229376,
+                   help="max new tokens per reasoning turn / proof (rc, direct, verify-refine); the released "
+                        "eval's 229,376; clamped per request to what the model's context leaves")
+    p.add_argument("--summary-budget", type=int, default=-1,
+                   help="rc: max new tokens per summary (-1 = --reason-budget, the released eval; RL's "
+                        "instruct summarizer used 2048)")
+    p.add_argument("--final-summary", action="store_true",
+                   help="rc: also summarize the last turn (only RL's states need it; off in the released eval)")
     p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs per round")
     p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
     p.add_argument("--refine-rounds", type=int, default=2, help="verify-refine: refinement rounds (0 = none)")
     p.add_argument("--n-critiques", type=int, default=2, help="verify-refine: lowest-scored reviews used to refine")
-    p.add_argument("--verify-budget", type=int, default=16384, help="verify-refine: max new tokens per verification")
+    p.add_argument("--verify-budget", type=int, default=-1,
+                   help="verify-refine: max new tokens per verification (-1 = --reason-budget)")
     p.add_argument("--samples", type=int, default=1, help="independent traces per problem")
     # ---- sampling
-    p.add_argument("--temperature", type=float, default=0.6, help="reasoner temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="reasoner nucleus (1 = off)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="reasoner temperature (0 = greedy; the released eval's 0.8; the model card's 0.6)")
+    p.add_argument("--top-p", type=float, default=1.0, help="reasoner nucleus (1 = off; the model card's 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="reasoner top-k (0 = off)")
-    p.add_argument("--summary-temperature", type=float, default=0.7, help="summarizer temperature")
-    p.add_argument("--summary-top-p", type=float, default=0.8, help="summarizer nucleus (1 = off)")
-    p.add_argument("--summary-top-k", type=int, default=20, help="summarizer top-k (0 = off)")
+    p.add_argument("--summary-temperature", type=float, default=-1,
+                   help="summarizer temperature (-1 = --temperature: the model summarizes itself, as at eval; "
+                        "RL's instruct summarizer used 0.7)")
+    p.add_argument("--summary-top-p", type=float, default=-1, help="summarizer nucleus (-1 = --top-p; RL: 0.8)")
+    p.add_argument("--summary-top-k", type=int, default=-1, help="summarizer top-k (-1 = --top-k; RL: 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed (-1 = nondeterministic)")
     # ---- input / output
     p.add_argument("--problem", default=None, help="one problem's text (prints the final proof)")
@@ -993,6 +1077,10 @@ def parse_args(argv=None):
         parser.error("give exactly one of --problem TEXT or --input problems.jsonl")
     if args.problem is not None and not args.problem.strip():
         parser.error("--problem is empty")
+    for flag, same in (("summary_budget", "reason_budget"), ("verify_budget", "reason_budget"),
+                       ("summary_temperature", "temperature"), ("summary_top_p", "top_p"), ("summary_top_k", "top_k")):
+        if getattr(args, flag) < 0:  # -1: the same as the reasoning turns
+            setattr(args, flag, getattr(args, same))
     for flag in ("turns", "reason_budget", "summary_budget", "samples", "batch_size", "n_proofs", "n_verify",
                  "verify_budget", "max_batch_size", "concurrency"):
         if getattr(args, flag) < 1:
@@ -1060,9 +1148,9 @@ def run_scaffold(args, problems, reasoner, summarizer):
                         None if seed is None else seed + 1)
         return run_rc(problems, reasoner, summarizer=summarizer, turns=args.turns, reason_sampling=reason,
                       summary_sampling=summ, progress=progress, summary_thinking=args.summary_thinking,
-                      final_summary=not args.no_final_summary)
+                      final_summary=args.final_summary, task_prompt=args.task_prompt)
     if args.scaffold == "direct":
-        return run_direct(problems, reasoner, reason, progress=progress)
+        return run_direct(problems, reasoner, reason, progress=progress, task_prompt=args.task_prompt)
     verify = dataclasses.replace(reason, max_tokens=args.verify_budget)
     return run_verify_refine(problems, reasoner, proof_sampling=reason, verify_sampling=verify,
                              n_proofs=args.n_proofs, n_verify=args.n_verify, rounds=args.refine_rounds,
@@ -1082,6 +1170,8 @@ def print_trace(tr):
             print(f"---- verification {j + 1}: verdict {v['verdict']}\n{v['analysis']}")
         if t.get("summary_out") is not None:
             print(f"---- summary out ({t['summary_tokens']} tokens, {t['summary_finish_reason']}):\n{t['summary_out']}")
+        elif t.get("summary_error"):
+            print(f"---- summary failed ({t['summary_tokens']} tokens): {t['summary_error']}")
 
 
 def _drop_torn_tail(path):

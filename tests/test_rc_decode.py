@@ -147,15 +147,19 @@ def test_sample_tokens_filters_and_distribution():
     assert tok.tolist() == [0, 0]
 
 
-def test_context_budget_errors(engine):
-    with pytest.raises(ValueError, match="context of 8192"):
-        engine.generate(MSGS[:1], R.Sampling(9000))
-    long_prompt = [100] * 8180  # fits alone, not with 20 new tokens: a per-item error, the rest completes
-    got = engine.generate([long_prompt, MSGS[0]], R.Sampling(20, 0.0))
-    assert got[0].finish_reason == "error" and "exceeds the model's context" in got[0].error
-    assert got[1].finish_reason in ("stop", "length") and got[1].token_ids
-    with pytest.raises(ValueError, match="--reason-budget"):
-        R.run_rc(["p"], engine, reason_sampling=R.Sampling(8000), summary_sampling=R.Sampling(100), progress=False)
+def test_context_budget_clamps(engine):
+    """A budget is a cap: each request gets min(max_tokens, context - its prompt) (the released eval asks for
+    229,376 tokens per call whatever the prompt); a prompt that leaves no room is a per-item error."""
+    got = engine.generate(MSGS[:1], R.Sampling(9000, 0.0, ignore_eos=True))[0]  # fits after the clamp
+    n_prompt = len(engine.encode(MSGS[0]))
+    assert got.max_tokens == 8192 - n_prompt and len(got.token_ids) == got.max_tokens and got.finish_reason == "length"
+    long_prompt = [100] * 8180  # 12 tokens of room: clamped there, the other row keeps its full budget
+    got = engine.generate([long_prompt, MSGS[0]], R.Sampling(20, 0.0, ignore_eos=True))
+    assert got[0].max_tokens == 12 and len(got[0].token_ids) == 12 and got[0].finish_reason == "length"
+    assert got[1].max_tokens == 20 and len(got[1].token_ids) == 20
+    got = engine.generate([[100] * 8192, MSGS[0]], R.Sampling(20, 0.0))
+    assert got[0].finish_reason == "error" and "no room" in got[0].error and got[1].token_ids
+    assert R.clamp_budgets([[1] * 10, [1] * 3], 100, 12) == ([2, 9], {})
 
 
 def test_bad_inputs(engine, tmp_path):
@@ -184,108 +188,165 @@ def test_bad_inputs(engine, tmp_path):
 def test_prompts_fill_and_verdicts():
     m = R.reasoning_messages("Show {summary} x^{2} \\boxed{}", "S1")[0]["content"]
     assert "Show {summary} x^{2} \\boxed{}" in m and "S1" in m  # text inside a field is never re-read
-    assert "S1" not in R.reasoning_messages("p")[0]["content"]
+    # turn 1 uses the same RC prompt as later turns, with an explicit no-previous-summary marker
+    first, later = R.reasoning_messages("p")[0]["content"], R.reasoning_messages("p", "S1")[0]["content"]
+    assert R.NO_SUMMARY in first and first.replace(R.NO_SUMMARY, "S1") == later
+    assert first.startswith("Generate a rigorous proof to the following question:\n\np")  # the task text
     assert R.direct_messages("P")[0]["content"] == "Generate a rigorous proof to the following question:\n\nP"
     s = R.summary_messages("P", None, "my reasoning")[0]["content"]
-    assert "my reasoning" in s and "(none" in s
+    assert "my reasoning" in s and R.NO_SUMMARY in s
+    # a verification's score is its FIRST \\boxed{0|0.5|1} after </think> (as the released agent reads it)
     assert R.parse_verdict("<think>x \\boxed{0}</think> issues... \\boxed{1}") == 1.0
-    assert R.parse_verdict("ok</think>\\boxed{0.5}") == 0.5 and R.parse_verdict("</think>\\boxed{1/2}") == 0.5
-    assert R.parse_verdict("</think>\\boxed{ 0 }") == 0.0
+    assert R.parse_verdict("ok</think>\\boxed{0.5} then \\boxed{1}") == 0.5
+    assert R.parse_verdict("ok</think>\\boxed{7} \\boxed{ 0 }") == 0.0
     assert R.parse_verdict("thinking \\boxed{1} cut") is None  # truncated
     assert R.parse_verdict("</think>\\boxed{7}") is None and R.parse_verdict("</think>no box") is None
+    # the proof of a proof-then-self-evaluation answer stops before its self-evaluation
+    assert R.extract_proof("## Solution\nA proof.\n\n## Self Evaluation\nIt is fine. \\boxed{1}") == "A proof."
+    assert R.extract_proof("Intro\n### **Solution**\nB.\nSelf evaluation: good") == "B."
+    assert R.extract_proof("Just a proof.") == "Just a proof."
 
 
 # ---------------------------------------------------------------------------------------------
 # scaffolds on real generations
 
 def test_rc_control_flow(engine, other_engine):
-    """2 problems x 2 samples x 3 turns: one reasoner and one summarizer call per turn, each over all 4
-    sequences; turn t's prompt holds exactly the summary of turn t-1 (not older summaries, not raw
-    reasoning); the summarizer sees the problem, the old summary and the turn's thinking; turns of
-    problem 0 finish with </think> + answer, problem 1's are cut by the budget."""
-    finish = engine.tokenizer("</think>\n\n\\boxed{5}", add_special_tokens=False).input_ids + [EOS]
-    remove = force_tokens(engine, finish, 6, when=lambda p: "FINISH" in p)
+    """2 problems x 2 samples x 3 turns under Thinking-2507-like templates (the generation prompt already
+    opens <think>): one reasoner call per turn and one summarizer call between turns (none after the
+    last), each over all 4 sequences. The summarizer thinks too: problem 0's summaries close </think>
+    and only the text after it crosses to the next turn; problem 1's never close it, so each of its
+    summaries fails (counted, never kept) and its next turn starts again from the no-summary marker.
+    Turn t's prompt holds exactly the summary of turn t-1 (not older summaries, not raw reasoning)."""
+    tok = engine.tokenizer
+    finish = tok("</think>\n\n\\boxed{5}", add_special_tokens=False).input_ids + [EOS]
+    summary = tok("</think>\n\nI added the numbers.", add_special_tokens=False).input_ids + [EOS]
+    remove = [force_tokens(engine, finish, 6, when=lambda p: "FINISH" in p),
+              force_tokens(other_engine, summary, 2, when=lambda p: "FINISH" in p)]
     reasoner, summarizer = Recorder(engine), Recorder(other_engine)
     problems = ["FINISH: compute 2 + 3.", "Compute 4 + 4."]
     try:
         traces = R.run_rc(problems, reasoner, summarizer=summarizer, turns=3, samples=2, progress=False,
-                          reason_sampling=R.Sampling(20, 0.8, 0.95, seed=1),
-                          summary_sampling=R.Sampling(10, 0.7, 0.8, 20, seed=2))
+                          reason_sampling=R.Sampling(20, 0.8, seed=1),
+                          summary_sampling=R.Sampling(10, 0.8, seed=2))
     finally:
-        remove()
-    assert len(reasoner.calls) == 3 and len(summarizer.calls) == 3
+        [r() for r in remove]
+    assert len(reasoner.calls) == 3 and len(summarizer.calls) == 2  # no summary after the last turn
     assert all(len(c["prompts"]) == 4 and c["thinking"] and c["sampling"].max_tokens == 20 for c in reasoner.calls)
-    assert all(not c["thinking"] and c["sampling"].max_tokens == 10 for c in summarizer.calls)
-    assert len({c["sampling"].seed for c in reasoner.calls + summarizer.calls}) == 6  # fresh samples each call
+    assert all(c["sampling"].max_tokens == 10 for c in summarizer.calls)
+    assert len({c["sampling"].seed for c in reasoner.calls + summarizer.calls}) == 5  # fresh samples each call
     assert [(t["problem_index"], t["sample_index"]) for t in traces] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for k, tr in enumerate(traces):
-        p = problems[tr["problem_index"]]
+        p, done = problems[tr["problem_index"]], tr["problem_index"] == 0
         assert len(tr["turns"]) == 3
         for t, turn in enumerate(tr["turns"]):
             out = reasoner.calls[t]["out"][k]
             assert turn["prompt"] == reasoner.calls[t]["prompts"][k]
             assert turn["completion"] == out.text and turn["tokens"] == len(out.token_ids) <= 20
-            if t == 0:
+            assert tok.decode(out.prompt_token_ids).endswith("<|im_start|>assistant\n<think>\n")  # the template's
+            if t == 0 or not done:  # turn 1, and every turn after a failed summary: the no-summary prompt
                 assert turn["summary_in"] is None and turn["prompt"] == R.reasoning_messages(p)
             else:
                 prev = tr["turns"][t - 1]
-                assert turn["summary_in"] == prev["summary_out"] == summarizer.calls[t - 1]["out"][k].text.strip()
+                assert turn["summary_in"] == prev["summary_out"] == "I added the numbers."
                 assert turn["prompt"] == R.reasoning_messages(p, prev["summary_out"])
                 assert prev["reasoning"] not in turn["prompt"][0]["content"]  # raw reasoning never crosses
-            if t == 2:
-                assert tr["turns"][0]["summary_out"] not in turn["prompt"][0]["content"]  # replaced, not kept
-            assert summarizer.calls[t]["prompts"][k] == R.summary_messages(p, turn["summary_in"], turn["reasoning"])
-            assert turn["summary_tokens"] == len(summarizer.calls[t]["out"][k].token_ids) <= 10
-            if tr["problem_index"] == 0:  # finished: thinking, then the answer after </think>
+            if t < 2:
+                s_out = summarizer.calls[t]["out"][k]
+                assert summarizer.calls[t]["prompts"][k] == R.summary_messages(p, turn["summary_in"], turn["reasoning"])
+                assert turn["summary_tokens"] == len(s_out.token_ids) <= 10
+                if done:  # the summary is the text after the summarizer's </think>, its thinking left out
+                    assert "</think>" in s_out.text and turn["summary_out"] == "I added the numbers."
+                    assert turn["summary_error"] is None
+                else:  # it thought for the whole budget: no summary, and its thinking is not kept as one
+                    assert turn["summary_out"] is None and "never closed </think>" in turn["summary_error"]
+            else:
+                assert turn["summary_out"] is None and turn["summary_tokens"] == 0
+            if done:  # finished: thinking, then the answer after </think>
                 assert turn["answer"] == "\\boxed{5}" and turn["finish_reason"] == "stop" and not turn["truncated"]
                 assert "</think>" not in turn["reasoning"] and turn["reasoning"]
             else:  # cut at the budget: all of it is thinking, no answer
                 assert turn["answer"] == "" and turn["finish_reason"] == "length" and turn["truncated"]
                 assert turn["reasoning"] == common.split_thinking(turn["completion"])[0]
-        assert tr["states"] == [None] + [t["summary_out"] for t in tr["turns"]]
-        assert tr["final_answer"] == tr["turns"][-1]["answer"] and tr["truncated"] == (tr["problem_index"] == 1)
+        assert tr["summary_failures"] == (0 if done else 2) and "error" not in tr
+        assert tr["states"] == ([None, "I added the numbers.", "I added the numbers."] if done else [None])
+        assert tr["final_answer"] == tr["turns"][-1]["answer"] and tr["truncated"] == (not done)
     assert traces[2]["turns"][0]["completion"] != traces[3]["turns"][0]["completion"]  # samples differ
 
 
-def test_rc_without_final_summary_and_direct(engine):
+def test_rc_instruct_summarizer_final_summary_and_direct(engine, tiny_instruct_dir):
+    """An Instruct-2507-like summarizer never thinks: its whole text is the summary. final_summary=True
+    (what rl.py's RC states need) adds the last turn's summary; run_direct sends the proof prompt."""
+    instruct = Recorder(R.make_engine("hf", tiny_instruct_dir, device="cpu", dtype=torch.float32))
     rec = Recorder(engine)
-    traces = R.run_rc(["a"], rec, turns=2, final_summary=False, progress=False,
+    traces = R.run_rc(["a"], rec, summarizer=instruct, turns=2, final_summary=True, progress=False,
                       reason_sampling=R.Sampling(8, seed=0), summary_sampling=R.Sampling(6, seed=0))
-    assert [c["thinking"] for c in rec.calls] == [True, False, True]  # the same engine summarizes itself
-    assert traces[0]["turns"][-1]["summary_out"] is None and len(traces[0]["states"]) == 2
+    assert len(rec.calls) == 2 and len(instruct.calls) == 2
+    for c in instruct.calls:
+        assert instruct.tokenizer.decode(c["out"][0].prompt_token_ids).endswith("<|im_start|>assistant\n")
+    outs = [c["out"][0].text.strip() for c in instruct.calls]
+    assert [t["summary_out"] for t in traces[0]["turns"]] == outs and all(outs)
+    assert traces[0]["states"] == [None] + outs and traces[0]["turns"][1]["summary_in"] == outs[0]
     rec.calls.clear()
     traces = R.run_direct(["a", "b"], rec, R.Sampling(8, seed=0), samples=2, progress=False)
     assert len(rec.calls) == 1 and rec.calls[0]["prompts"] == [R.direct_messages(p) for p in "aabb"]
     assert [t["sample_index"] for t in traces] == [0, 1, 0, 1] and len(traces[0]["turns"]) == 1
 
 
-@pytest.mark.parametrize("verdict,calls", [("0.5", 4), ("1", 2)])
-def test_verify_refine_control_flow(engine, verdict, calls):
-    """Every proof and verification ends with </think> and a verdict; 0.5 everywhere -> one refine round of
-    the best (latest on ties) with its critiques; 1 everywhere -> stop after the first verification."""
-    seq = engine.tokenizer(f"</think>\n\n\\boxed{{{verdict}}}", add_special_tokens=False).input_ids + [EOS]
-    remove = force_tokens(engine, seq, 2)
-    rec = Recorder(engine)
-    try:
-        traces = R.run_verify_refine(["P1", "P2"], rec, proof_sampling=R.Sampling(12, seed=0),
-                                     verify_sampling=R.Sampling(12, seed=0), n_proofs=2, n_verify=2, rounds=1,
-                                     n_critiques=1, progress=False)
-    finally:
-        remove()
-    assert len(rec.calls) == calls
-    assert [len(c["prompts"]) for c in rec.calls] == [4, 8, 4, 8][:calls]
-    ans = f"\\boxed{{{verdict}}}"
-    assert rec.calls[1]["prompts"][0] == R.verify_messages("P1", ans)
-    for tr in traces:
-        first = tr["turns"][:2]
-        assert all(c["score"] == float(verdict) and len(c["verifications"]) == 2 for c in first)
-        if calls == 4:
-            assert len(tr["turns"]) == 4 and tr["best_turn"] == 3 and tr["turns"][3]["parent"] == 1
-            review = tr["turns"][1]["verifications"][0]["analysis"]
-            assert tr["turns"][2]["prompt"] == R.refine_messages(tr["problem"], ans, [review])
-        else:
-            assert len(tr["turns"]) == 2 and tr["best_score"] == 1.0
-        assert tr["final_answer"] == ans
+class ScriptedEngine:
+    """A pure-Python engine for the verify-and-refine control flow: a proof prompt gets proof number n
+    ("## Solution / PROOF-n / ## Self Evaluation ..."); a verification of PROOF-n returns the next verdict
+    of verdicts[n] (cycling); every call is recorded."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.calls, self.n, self.seen = verdicts, [], 0, {}
+        self.tokenizer = self.context_length = None
+
+    def generate(self, prompts, sampling, thinking=True, progress=None):
+        out = []
+        for msgs in prompts:
+            text = msgs[0]["content"]
+            m = re.search(r"<proof>\s*PROOF-(\d+)", text)
+            if m and "Candidate proof" in text:  # a verification
+                n = int(m.group(1))
+                v = self.verdicts[n][self.seen.get(n, 0) % len(self.verdicts[n])]
+                self.seen[n] = self.seen.get(n, 0) + 1
+                out.append(R.Completion(f"checking</think>\nreview of {n}: \\boxed{{{v}}} not \\boxed{{1}}", [1], None,
+                                        "stop"))
+            else:  # a first proof or a refinement
+                out.append(R.Completion(f"thinking</think>\n## Solution\nPROOF-{self.n}\n## Self Evaluation\n"
+                                        "perfect \\boxed{1}", [1], None, "stop"))
+                self.n += 1
+        self.calls.append(prompts)
+        return out
+
+
+def test_verify_refine_as_released():
+    """Pool of 4 proofs (self-evaluation cut), 4 verifications each scored by the first box; each iteration
+    refines each of the 4 best proofs once with its 2 lowest-scored verifications; the new proofs are
+    verified and join the pool; at most 2 iterations, early stop at mean 1; answer = best mean, first on ties."""
+    v = {0: ["0", "0.5"], 1: ["1", "0.5", "0", "0"], 2: ["0"], 3: ["0.5", "1"]}  # means .25 .375 0 .75
+    v.update({4: ["0.5"], 5: ["1", "0.5"], 6: ["0"], 7: ["0", "0.5", "1", "1"]})  # round 1: .5 .75 0 .625
+    v.update({n: ["1"] for n in range(8, 12)})  # round 2: every new proof is perfect
+    e = ScriptedEngine(v)
+    tr = R.run_verify_refine(["P"], e, n_proofs=4, n_verify=4, rounds=2, n_critiques=2, progress=False,
+                             proof_sampling=R.Sampling(50, seed=0))[0]
+    # first proofs are written with the proof-then-self-evaluation prompt, verified with the proof alone
+    assert e.calls[0] == [R.proof_messages("P")] * 4
+    assert e.calls[1] == [R.verify_messages("P", f"PROOF-{n}") for n in range(4)] * 4
+    assert [c["proof"] for c in tr["turns"]][:4] == [f"PROOF-{n}" for n in range(4)]
+    assert [c["score"] for c in tr["turns"][:4]] == [0.25, 0.375, 0.0, 0.75]
+    # round 1 refines the 4 best (3, 1, 0, 2) once each, with each one's 2 lowest-scored verifications
+    assert [c["parent"] for c in tr["turns"][4:8]] == [3, 1, 0, 2]
+    reviews = lambda n, vs: [f"review of {n}: \\boxed{{{x}}} not \\boxed{{1}}" for x in vs]  # noqa: E731
+    assert e.calls[2][1] == R.refine_messages("P", "PROOF-1", reviews(1, ["0", "0"]))
+    assert e.calls[2][0] == R.refine_messages("P", "PROOF-3", reviews(3, ["0.5", "0.5"]))
+    # round 2 refines the 4 best of the 8 (3 and 5 tie at .75: the earlier first), then stops: a mean of 1
+    assert [c["parent"] for c in tr["turns"][8:12]] == [3, 5, 7, 4] and len(e.calls) == 6
+    assert tr["best_turn"] == 8 and tr["best_score"] == 1.0 and tr["final_answer"] == "PROOF-8"
+    assert tr["final_completion"] == "thinking</think>\n\nPROOF-8"  # what a grader sees: the proof alone
+    e2 = ScriptedEngine({n: ["1"] for n in range(4)})  # a perfect first proof: no refinement at all
+    tr2 = R.run_verify_refine(["P"], e2, progress=False, proof_sampling=R.Sampling(50, seed=0))[0]
+    assert len(e2.calls) == 2 and tr2["best_turn"] == 0 and len(tr2["turns"]) == 4  # ties: the first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +525,10 @@ def test_cli_single_problem_prints(capsys):
     R.main(["--preset", "tiny", "--turns", "2", "--reason-budget", "6", "--summary-budget", "4",
             "--show-trace", "--no-progress"])
     text = capsys.readouterr().out
-    assert "==== turn 2" in text and "---- summary in:" in text and "==== final proof" in text
+    assert "==== turn 2" in text and "==== final proof" in text
+    # the tiny model thinks (its template opens <think>) and never closes it in 4 tokens: the failed summary
+    # is shown as such, and turn 2 starts without one
+    assert "---- summary failed (4 tokens): the summarizer thought" in text and "---- summary in:" not in text
 
 
 # ---------------------------------------------------------------------------------------------
