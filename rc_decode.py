@@ -114,8 +114,9 @@ def _user(text):
 
 def task_text(problem, task_prompt="direct_proof"):
     """The task a model is given for `problem`: prompts/<task_prompt>.txt filled with it ("direct_proof":
-    the evaluation and RL proof prompt; "answerbench": reason step by step, answer in \boxed{})."""
-    return fill_prompt(task_prompt, problem=problem)
+    the evaluation and RL proof prompt; "answerbench": reason step by step, answer in \boxed{});
+    task_prompt None = the problem text itself."""
+    return problem if task_prompt is None else fill_prompt(task_prompt, problem=problem)
 
 
 def direct_messages(problem, task_prompt="direct_proof"):

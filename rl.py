@@ -55,7 +55,15 @@ TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_r
             problems_per_step=8, samples_per_problem=8, max_new_tokens=24, temperature=0.7, top_p=1.0, top_k=0,
             engine="hf", device="cpu", lr=1e-4, warmup_steps=3, max_steps=16, max_lag=1, pack_tokens=4096,
             gradient_checkpointing=False, reward="answer", rc_summarizer="policy", rc_summary_tokens=24,
-            save_every=0, output_dir="runs/rl-tiny", log_rollouts=2)
+            save_every=0, output_dir="runs/rl-tiny", log_rollouts=2,
+            prompt="none",  # the tiny SFT data's user turn is the bare problem
+            grad_clip_divisor=1.0)  # one process, no DeepSpeed: clip the plain gradient at --grad-clip
+
+# What the released trainer's gradient is divided by before its 0.3 clip (DeepSpeed divides by its
+# accumulation steps and averages over all ranks, sequence-parallel ones included: in total
+# seq_parallel x gradient_accumulation_passes of training/conf/qed_nano_rl.yaml (2 x 32) and
+# qed_nano_rc.yaml (4 x 64)). Our per-step gradient is the plain one of sum_t w_t loss_t.
+RELEASED_GRAD_DIVISOR = {"rl": 2 * 32, "rc": 4 * 64}
 
 
 def get_args(argv=None):
@@ -67,24 +75,31 @@ def get_args(argv=None):
     p.add_argument("--model", default="runs/sft/final", help="policy to start from: SFT checkpoint folder or hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: the model's)")
     p.add_argument("--data", default="lm-provers/FineProofs-RL", help="hub id or .jsonl/.json/.parquet file")
-    p.add_argument("--data-split", default="train")
-    p.add_argument("--data-config", default=None)
+    p.add_argument("--data-split", default="train", help="hub dataset split")
+    p.add_argument("--data-config", default=None, help="hub dataset config (default: the dataset's own)")
     p.add_argument("--max-problems", type=int, default=-1, help="use the first N rows; -1 = all")
-    p.add_argument("--prompt", default="none", help="'none' = the problem text is the user message (as in the SFT "
-                   "data); else prompts/<name>.txt with a {problem} slot")
+    p.add_argument("--prompt", default="direct_proof", help="prompts/<name>.txt with a {problem} slot that makes the "
+                   "rollout's user message (direct_proof: the evaluation's proof prompt, as released); 'none' = the "
+                   "bare problem text")
     # ---- rollouts
-    p.add_argument("--problems-per-step", type=int, default=64)
+    p.add_argument("--problems-per-step", type=int, default=-1, help="groups of problems per step; -1 = 64 (stage 2) "
+                   "or 32 with --rc-turns (each gives --rc-states-per-problem groups): 1,024 sequences per step")
     p.add_argument("--samples-per-problem", type=int, default=16, help="group size of the advantage baseline")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("--top-k", type=int, default=20, help="0 = off")
+    p.add_argument("--temperature", type=float, default=0.8, help="rollout temperature (released: 0.8); the trained "
+                   "log-probs use it too (--logp-temperature)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off (the released rollouts; 0.95 was only its "
+                   "test-set sampling)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (released rollouts; 20 was only its test sampling)")
     p.add_argument("--max-new-tokens", type=int, default=49152, help="tokens per rollout")
     p.add_argument("--max-lag", type=int, default=5, help="drop groups made by weights more than this many steps "
                    "older than the ones being trained; 0 = fully synchronous")
     p.add_argument("--fill-batch", action="store_true", help="after dropping zero-variance groups, keep sampling "
                    "until the step has its --problems-per-step groups (at most --max-fill-batches extra batches)")
-    p.add_argument("--max-fill-batches", type=int, default=4)
-    p.add_argument("--reward-tol", type=float, default=1e-6, help="a group whose rewards span <= this is dropped")
+    p.add_argument("--max-fill-batches", type=int, default=4, help="extra batches --fill-batch may draw per step")
+    p.add_argument("--reward-tol", type=float, default=1e-6, help="a group whose rewards span <= this is flat "
+                   "(zero advantage everywhere): counted, and dropped only with --drop-flat-groups")
+    p.add_argument("--drop-flat-groups", action="store_true", help="drop zero-variance groups instead of training "
+                   "them (released: kept, only the entropy term acts on them)")
     # ---- engine
     p.add_argument("--engine", choices=["vllm", "hf", "remote"], default="vllm",
                    help="vllm: in-process, colocated, asleep during train steps; hf: rc_decode's HF engine on a "
@@ -106,37 +121,47 @@ def get_args(argv=None):
     p.add_argument("--reward", choices=["auto", "judge", "answer"], default="auto",
                    help="judge: rubric grade / 7 from judge.py; answer: last \\boxed{} vs the 'answer' column; "
                    "auto: answer if the data has an 'answer' column")
-    p.add_argument("--judge-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"))
-    p.add_argument("--judge-model", default="openai/gpt-oss-20b")
-    p.add_argument("--judge-reasoning-effort", default="medium")
-    p.add_argument("--judge-prompt", default="marking_scheme", help="prompts/judge_<name>.txt")
-    p.add_argument("--judge-concurrency", type=int, default=256)
+    p.add_argument("--judge-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"),
+                   help="OpenAI-compatible judge endpoint up to /v1 (default: $JUDGE_BASE_URL or a local vLLM server)")
+    p.add_argument("--judge-model", default="openai/gpt-oss-20b", help="judge model name (released: gpt-oss-20b)")
+    p.add_argument("--judge-reasoning-effort", default="medium", help="sent as reasoning_effort (released: medium)")
+    p.add_argument("--judge-temperature", type=float, default=1.0, help="judge sampling temperature (released: 1.0)")
+    p.add_argument("--judge-prompt", default="rl_proof", help="prompts/judge_<name>.txt (rl_proof: correctness first, "
+                   "the marking scheme advisory, valid alternative approaches credited; the self-evaluation is kept)")
+    p.add_argument("--judge-concurrency", type=int, default=256, help="judge requests in flight")
     p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge call")
     p.add_argument("--judge-retries", type=int, default=4, help="retries per judge call (inside judge.py)")
     p.add_argument("--group-retries", type=int, default=1, help="re-grade a group's failed items this many more "
-                   "times, then skip the group (counted, never scored)")
+                   "times before --judge-failures applies")
+    p.add_argument("--judge-failures", choices=["zero", "skip"], default="zero", help="a grade still failed after "
+                   "retries: zero = reward 0, trained and counted (released); skip = drop its group (counted)")
     # ---- loss
-    p.add_argument("--loss", choices=["truncate", "ppo"], default="truncate",
-                   help="truncate: -min(r, ratio_cap) * A * logp; ppo: two-sided clip with --clip-low/--clip-high")
-    p.add_argument("--ratio-cap", type=float, default=2.0, help="cap of the truncated importance ratio")
-    p.add_argument("--clip-low", type=float, default=0.2)
-    p.add_argument("--clip-high", type=float, default=0.2, help="0.28 = DAPO's clip-higher")
+    p.add_argument("--loss", choices=["truncate", "ppo"], default="ppo",
+                   help="ppo: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) (released, eps 4 both sides: only A > 0 "
+                   "tokens with r > 5 lose their gradient); truncate: -min(r, ratio_cap).detach() * A * logp")
+    p.add_argument("--ratio-cap", type=float, default=2.0, help="cap of the truncated importance ratio (--loss truncate)")
+    p.add_argument("--clip-low", type=float, default=4.0, help="ppo lower epsilon (>= 1: the lower bound never binds)")
+    p.add_argument("--clip-high", type=float, default=4.0, help="ppo upper epsilon (0.2 = PPO; 0.28 = DAPO's clip-higher)")
     p.add_argument("--agg", choices=["seq-sum", "token-mean", "seq-mean"], default="seq-sum",
                    help="seq-sum: token losses summed / sequences per step (the recipe); token-mean; seq-mean")
     p.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (GRPO)")
     p.add_argument("--kl-beta", type=float, default=0.0, help="weight of a k3 KL to the frozen start policy; 0 = none")
-    p.add_argument("--entropy-coef", type=float, default=1e-4)
+    p.add_argument("--entropy-coef", type=float, default=1e-4, help="entropy bonus weight (released: 1e-4)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps over each batch")
     p.add_argument("--logp-temperature", type=float, default=-1.0, help="temperature of the trained log-probs; "
                    "-1 = --temperature (the sampling distribution, as the engines report it)")
     # ---- optimization
     p.add_argument("--lr", type=float, default=1e-6, help="constant after --warmup-steps")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--adam-betas", default="0.9,0.999")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup steps (released: 0)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (released: 0.01)")
+    p.add_argument("--adam-betas", default="0.9,0.999", help="AdamW betas as b1,b2")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon; larger values stop the near-zero, "
                    "noisy gradients of rarely used vocabulary rows from taking full-size steps")
-    p.add_argument("--grad-clip", type=float, default=0.3, help="max global grad norm; 0 = off")
+    p.add_argument("--grad-clip", type=float, default=0.3, help="max global grad norm in the released trainer's units "
+                   "(the norm divided by --grad-clip-divisor); 0 = off")
+    p.add_argument("--grad-clip-divisor", type=float, default=-1, help="what the released trainer's gradient was divided "
+                   "by before clipping (DeepSpeed's accumulation steps x ranks); -1 = 64 (stage 2) or 256 (--rc-turns): "
+                   "our clip is then --grad-clip x divisor on the plain gradient (README, 'gradient clipping')")
     p.add_argument("--max-steps", type=int, default=150, help="trainer steps (one batch of groups each)")
     # ---- reasoning cache (stage 3)
     p.add_argument("--rc-turns", type=int, default=0, help="0 = plain RL; 3 = RL on RC states (no summary, S1..S3)")
@@ -144,8 +169,9 @@ def get_args(argv=None):
     p.add_argument("--rc-summarizer", default="Qwen/Qwen3-4B-Instruct-2507", help="frozen summarizer (loaded with "
                    "--engine's kind); 'policy' = the policy summarizes itself")
     p.add_argument("--rc-summarizer-url", default="", help="an OpenAI-compatible server of the summarizer instead")
-    p.add_argument("--rc-summary-tokens", type=int, default=2048)
-    p.add_argument("--rc-summary-temperature", type=float, default=0.7)
+    p.add_argument("--rc-summary-tokens", type=int, default=2048, help="summary budget H_S (released: 2048)")
+    p.add_argument("--rc-summary-temperature", type=float, default=0.7, help="summarizer temperature (released: 0.7, "
+                   "with top_p 0.8 and top_k 20)")
     p.add_argument("--rc-reason-tokens", type=int, default=-1, help="budget of each RC reasoning turn; -1 = "
                    "--max-new-tokens")
     # ---- efficiency
@@ -158,9 +184,9 @@ def get_args(argv=None):
                    "after each step (remote servers: start them with --enable-lora --max-lora-rank R and "
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     p.add_argument("--lora-alpha", type=int, default=0, help="0 = 2 * rank")
-    p.add_argument("--lora-targets", default="all-linear")
+    p.add_argument("--lora-targets", default="all-linear", help="LoRA target modules (peft), or all-linear")
     # ---- output
-    p.add_argument("--output-dir", default="runs/rl")
+    p.add_argument("--output-dir", default="runs/rl", help="run folder: checkpoints, metrics.jsonl, rollouts.jsonl")
     p.add_argument("--save-every", type=int, default=10, help="steps between checkpoints; 0 = only at the end")
     p.add_argument("--keep-last", type=int, default=2, help="step checkpoints kept; -1 = all")
     p.add_argument("--resume", action="store_true", help="continue <output-dir> from its last checkpoint")
@@ -169,12 +195,23 @@ def get_args(argv=None):
                    "run to --max-steps")
     p.add_argument("--log-rollouts", type=int, default=2, help="sample texts per step written to rollouts.jsonl")
     p.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (off by default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, sampling and init")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer device")
     args = p.parse_args(argv)
     if args.preset == "tiny":
         p.set_defaults(**TINY)
         args = p.parse_args(argv)
+    if args.prompt != "none":  # a missing file or a template without {problem} fails here, before any model loads
+        try:
+            rc_decode.task_text("x", args.prompt)
+        except ValueError as e:
+            raise ValueError(f"--prompt {args.prompt}: {e}") from None
+    if args.grad_clip_divisor == 0:
+        raise ValueError("--grad-clip-divisor must be > 0 (-1 = the released trainer's)")
+    if args.problems_per_step < 0:
+        args.problems_per_step = 32 if args.rc_turns > 0 else 64
+    if args.grad_clip_divisor < 0:
+        args.grad_clip_divisor = RELEASED_GRAD_DIVISOR["rc" if args.rc_turns > 0 else "rl"]
     if args.logp_temperature < 0:
         args.logp_temperature = args.temperature if args.temperature > 0 else 1.0
     if args.rc_reason_tokens < 0:
@@ -475,9 +512,9 @@ class SplitEngine:
             return [c for o in outs for c in o]
 
 
-def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, tokenizer, template, rewards):
+def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, tokenizer, task_prompt, rewards):
     """One batch of groups (RC states first if --rc-turns), with sampling log-probs; grading started."""
-    from rc_decode import Sampling, reasoning_messages, run_rc
+    from rc_decode import Sampling, direct_messages, reasoning_messages, run_rc
 
     rows = batch_rows(len(problems), index, args.problems_per_step, args.seed)
     seed, n = args.seed * 1_000_003 + index * 7919, args.samples_per_problem
@@ -488,6 +525,7 @@ def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, toke
         if args.rc_turns > 0:
             traces = run_rc([problems[r]["problem"] for r in rows], engine, summarizer=summarizer or engine,
                             turns=args.rc_turns, progress=False, final_summary=True,  # states S1..S_turns
+                            task_prompt=task_prompt,
                             reason_sampling=Sampling(args.rc_reason_tokens, args.temperature, args.top_p,
                                                      args.top_k, seed=seed + 1),
                             summary_sampling=Sampling(args.rc_summary_tokens, args.rc_summary_temperature, 0.8, 20,
@@ -496,10 +534,14 @@ def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, toke
             specs = [(r, s) for r, tr in zip(rows, traces) for s in sample_rc_states(tr, args.rc_states_per_problem, rng)]
         t_rc = time.time() - t0
         prompts = []
-        for r, state in specs:
-            text = problems[r]["problem"] if template is None else template.format(problem=problems[r]["problem"])
-            msgs = reasoning_messages(problems[r]["problem"], summary=state) if args.rc_turns else \
-                [{"role": "user", "content": text}]
+        for r, state in specs:  # every RC state, the empty one too, uses the RC prompt (state None: its marker)
+            p = problems[r]["problem"]
+            if args.rc_turns:
+                msgs = reasoning_messages(p, summary=state, task_prompt=task_prompt)
+            elif task_prompt is None:
+                msgs = [{"role": "user", "content": p}]
+            else:
+                msgs = direct_messages(p, task_prompt)
             prompts += [msgs] * n
         comps = engine.generate(prompts, sampling, thinking=True)
         groups = []
@@ -539,7 +581,8 @@ class Rewards:
             self.judge = Judge(args.judge_url, args.judge_model, prompt=args.judge_prompt,
                                cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"),
                                concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-                               max_retries=args.judge_retries, reasoning_effort=args.judge_reasoning_effort)
+                               max_retries=args.judge_retries, reasoning_effort=args.judge_reasoning_effort,
+                               extra_body={"temperature": args.judge_temperature})
 
     def items(self, g):
         p = self.problems[g["row"]]
@@ -558,7 +601,9 @@ class Rewards:
                 "future": self.judge.submit([it for g in groups for it in self.items(g)])}
 
     def finish(self, grading, stats):
-        """Fill in the judge's rewards; a group with a grade still failed after retries is marked failed."""
+        """Fill in the judge's rewards. A grade still failed after --group-retries: reward 0 and trained
+        (--judge-failures zero, as released; counted in judge_failures), or its whole group is marked
+        failed and skipped (--judge-failures skip; counted in groups_failed)."""
         if grading is None:
             return
         t0 = time.time()
@@ -577,10 +622,10 @@ class Rewards:
             stats["judge_latency_s"] += sum(x.latency_s for x in fresh)
             stats["judge_failures"] += sum(1 for x in gs if x.error)
             stats["judge_parse_failed"] += sum(1 for x in gs if x.parse_failed)
-            if any(x.error for x in gs):
+            if any(x.error for x in gs) and self.args.judge_failures == "skip":
                 g["failed"] = True
                 continue
-            g["rewards"] = [float(x.reward) for x in gs]
+            g["rewards"] = [0.0 if x.error else float(x.reward) for x in gs]
             g["scores"] = [x.score or 0 for x in gs]
         stats["grade_wait_s"] += time.time() - t0
 
@@ -851,7 +896,9 @@ def collect(step, ro, rewards, args, target_groups, stats):
         fresh, stale = drop_stale(ok, step, args.max_lag)
         stats["groups_stale"] += len(stale)
         kept, flat = filter_groups(fresh, args.reward_tol)
-        stats["groups_zero_var"] += len(flat)
+        stats["groups_zero_var"] += len(flat)  # counted either way; trained unless --drop-flat-groups
+        if not args.drop_flat_groups:
+            kept = fresh
         groups, graded = groups + kept, graded + fresh
         for g in fresh:
             stats["lag_sum"] += step - g["version"]
@@ -916,7 +963,10 @@ def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad
                                          st["kl"][real].double().sum() if "kl" in st else torch.zeros((), dtype=torch.float64),
                                          loss.detach().double()])
                 sums[6], sums[7] = max(sums[6], r.max()), max(sums[7], -r.min())
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        # the released 0.3 clips a gradient that DeepSpeed had divided by --grad-clip-divisor; ours is the
+        # plain gradient of sum_t w_t loss_t, so the same clip is 0.3 x divisor here (README)
+        clip = args.grad_clip * args.grad_clip_divisor if args.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         opt.step()
     return sums, float(gnorm), sum(mb["num_tokens"] for mb in micro)
@@ -1020,7 +1070,7 @@ def main(args):
         from rc_decode import make_engine
 
         problems, reward_kind = load_problems(args)
-        template = None if args.prompt == "none" else open(os.path.join(HERE, "prompts", args.prompt + ".txt")).read()
+        task_prompt = None if args.prompt == "none" else args.prompt
         rewards = Rewards(reward_kind, problems, args)
         if args.engine == "hf":
             engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
@@ -1040,7 +1090,7 @@ def main(args):
             kind = "hf" if args.engine == "hf" else "vllm"
             summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
         ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=problems, engine=engine, summarizer=summarizer,
-                                               snapshot=snapshot, tokenizer=tokenizer, template=template,
+                                               snapshot=snapshot, tokenizer=tokenizer, task_prompt=task_prompt,
                                                rewards=rewards),
                       state["next_batch"], args.max_lag, state["step"])
     if ckpt and args.engine != "hf":  # the engine loaded the start weights: push the resumed ones
@@ -1119,6 +1169,7 @@ def main(args):
                      "entropy": sums[1].item() / ntok, "clip_frac": sums[2].item() / ntok,
                      "ratio_mean": sums[3].item() / ntok if sums[0] else 1.0, "ratio_max": max(sums[6].item(), 0.0),
                      "ratio_min": -sums[7].item() if sums[0] else 1.0, "kl": sums[4].item() / ntok, "grad_norm": gnorm,
+                     "grad_norm_released": gnorm / args.grad_clip_divisor,
                      "groups_trained": len(groups), "train_tokens": train_tokens, "train_s": train_s,
                      "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
                      "train_tok_s": train_tokens / max(1e-9, train_s), "sync_s": sync_s, "sync_wait_s": sync_wait_s,

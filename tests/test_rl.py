@@ -63,10 +63,10 @@ def hand_expected(variant, logp):
     total = 0.0
     for t in range(3):
         r = RATIOS[t]
-        if variant.get("loss", "truncate") == "truncate":
+        if variant.get("loss", "ppo") == "truncate":
             pg = -min(r, 2.0) * a[t] * logp[t]
-        else:
-            lo, hi = 1 - variant["clip_low"], 1 + variant["clip_high"]
+        else:  # the default: ppo with the released eps 4 on both sides
+            lo, hi = 1 - variant.get("clip_low", 4.0), 1 + variant.get("clip_high", 4.0)
             pg = -min(r * a[t], min(max(r, lo), hi) * a[t])
         d = REF_SHIFT[t]
         kl = math.exp(d) - d - 1
@@ -77,6 +77,7 @@ def hand_expected(variant, logp):
 
 @pytest.mark.parametrize("variant", [
     {"flags": ["--entropy-coef", "0"]},
+    {"flags": ["--loss", "truncate", "--entropy-coef", "0"], "loss": "truncate"},
     {"flags": ["--agg", "token-mean", "--entropy-coef", "0"], "agg": "token-mean"},
     {"flags": ["--agg", "seq-mean", "--entropy-coef", "0"], "agg": "seq-mean"},
     {"flags": ["--loss", "ppo", "--clip-low", "0.2", "--clip-high", "0.28", "--entropy-coef", "0"], "loss": "ppo",
@@ -95,16 +96,43 @@ def test_policy_loss_variants_match_hand_computation(variant):
 
 
 def test_recipe_defaults():
+    """The bare command is the released config (training/conf/qed_nano_rl.yaml, qed_nano_rc.yaml, finetune/base.yaml)."""
     a = rl.get_args([])
     assert (a.problems_per_step, a.samples_per_problem, a.temperature, a.top_p, a.top_k, a.max_new_tokens) == \
-        (64, 16, 0.8, 0.95, 20, 49152)
+        (64, 16, 0.8, 1.0, 0, 49152)
     assert (a.lr, a.weight_decay, a.grad_clip, a.max_steps, a.entropy_coef, a.kl_beta) == (1e-6, 0.01, 0.3, 150, 1e-4, 0.0)
-    assert (a.loss, a.agg, a.adv_std, a.logp_temperature, a.rc_states_per_problem) == ("truncate", "seq-sum", False, 0.8, 2)
+    assert (a.loss, a.clip_low, a.clip_high, a.agg, a.adv_std, a.logp_temperature) == ("ppo", 4.0, 4.0, "seq-sum", False, 0.8)
+    assert (a.prompt, a.judge_prompt, a.judge_failures, a.drop_flat_groups, a.judge_temperature) == \
+        ("direct_proof", "rl_proof", "zero", False, 1.0)
+    assert a.grad_clip_divisor == 64  # DeepSpeed's 32 accumulation passes x 2 sequence-parallel ranks
+    rc = rl.get_args(["--rc-turns", "3"])  # stage 3: 32 problems x 2 states x 16 = 1,024 sequences per step
+    assert rc.problems_per_step * rc.rc_states_per_problem * rc.samples_per_problem == 1024
+    assert (rc.problems_per_step, rc.grad_clip_divisor, rc.rc_summary_tokens, rc.rc_summary_temperature) == (32, 256, 2048, 0.7)
+    with pytest.raises(ValueError, match="--prompt no_such"):
+        rl.get_args(["--prompt", "no_such"])
+
+
+def test_ppo_eps4_only_positive_advantages_above_5_lose_their_gradient():
+    """The released loss: min(r A, clip(r, -3, 5) A). The lower bound never binds; a token with A > 0 and
+    r > 5 has no gradient, one with A < 0 keeps -r A dlogp however large r is."""
+    args = rl.get_args(["--temperature", "1.0", "--entropy-coef", "0"])
+
+    def grads(ratios):
+        mb, hidden, weight, _ = hand_batch("seq-sum", ratios=ratios)
+        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss.backward()
+        return hidden.grad.clone(), stats["clipped"].tolist()
+
+    g, clipped = grads([6.0, 4.9, 9.0])  # token 0: A = 1, r 6 > 5; token 1: A = 1, r 4.9; token 2: A = -0.5, r 9
+    assert clipped == [1.0, 0.0, 0.0]
+    assert torch.all(g[0] == 0) and g[1].abs().sum() > 0 and g[2].abs().sum() > 0
+    g2, _ = grads([6.0, 4.9, 18.0])  # A < 0: the gradient scales with r (-r A dlogp), no clip
+    assert torch.allclose(g2[2], 2 * g[2], rtol=1e-5)
 
 
 def test_importance_ratio_truncation():
     """Above the cap the gradient no longer depends on the ratio; below it, it scales with it."""
-    args = rl.get_args(["--temperature", "1.0", "--entropy-coef", "0", "--ratio-cap", "2.0"])
+    args = rl.get_args(["--temperature", "1.0", "--entropy-coef", "0", "--loss", "truncate", "--ratio-cap", "2.0"])
 
     def grad_of_token0(r0):
         mb, hidden, weight, _ = hand_batch("seq-sum", ratios=[r0, 1.1, 0.7])
@@ -176,6 +204,93 @@ def test_drop_stale_and_filter_groups():
     assert len(rl.filter_groups(fresh, tol=-1)[0]) == 3  # tol < 0 keeps everything
 
 
+class QueueRollouts:
+    """Stands in for rl.Rollouts in collect(): hands out prepared batches."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def get(self):
+        return self.batches.pop(0)
+
+    def grant(self, n=1):
+        pass
+
+
+def test_flat_groups_are_trained_and_counted():
+    """Released: zero-variance groups stay in the step (their advantage is 0 everywhere, so only the
+    entropy term acts on them) and are still counted; --drop-flat-groups is the old filter."""
+    def batch():
+        groups = [{"version": 0, "failed": False, "rewards": r, "scores": [7 * x for x in r],
+                   "samples": [{"prompt_ids": [1, 2], "completion_ids": [3, 4], "old_logp": [-1.0, -1.0]}] * 2}
+                  for r in ([0.0, 1.0], [1.0, 1.0], [0.0, 0.0])]
+        return {"groups": groups, "grading": None, "index": 0, "gen_s": 0, "rc_s": 0, "gen_tokens": 0}
+    rewards = SimpleNamespace(finish=lambda grading, stats: None)
+    for flags, trained in (([], 3), (["--drop-flat-groups"], 1)):
+        args = tiny_args("--samples-per-problem", "2", *flags)
+        stats = Counter()
+        groups, graded, _ = rl.collect(1, QueueRollouts([batch()]), rewards, args, 3, stats)
+        assert len(groups) == trained and len(graded) == 3 and stats["groups_zero_var"] == 2
+    seqs = rl.training_sequences(groups[:0] + batch()["groups"], args, nominal=6, world_size=1)
+    assert [s["advantage"] for s in seqs] == [-0.5, 0.5, 0.0, 0.0, 0.0, 0.0]  # flat groups: zero advantage
+
+
+def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_model_dir):
+    """The bare command's rollouts: the user message is the evaluation's proof prompt (brace-safe, a
+    LaTeX problem survives), sampled at T 0.8 with no top_p/top_k; log-probs at T 0.8 over the full vocabulary."""
+    from rc_decode import direct_messages, make_engine
+
+    args = rl.get_args(["--model", tiny_model_dir, "--data", os.path.join(ROOT, "data", "tiny_rl.jsonl"),
+                        "--problems-per-step", "2", "--samples-per-problem", "2", "--max-new-tokens", "4",
+                        "--engine", "hf", "--reward", "answer"])
+    problems, kind = rl.load_problems(args)
+    problems[0]["problem"] = "Show {x} \\frac{1}{2}."  # braces: str.format would raise KeyError here
+    model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
+    calls = []
+
+    class Rec:
+        def __init__(self, e):
+            self.e, self.tokenizer = e, e.tokenizer
+
+        def generate(self, prompts, sampling, thinking=True, progress=None):
+            calls.append((prompts, sampling))
+            return self.e.generate(prompts, sampling, thinking=thinking)
+
+    tok = common.load_tokenizer(tiny_model_dir)
+    engine = Rec(make_engine("hf", model, tokenizer=tok))
+    ro = SimpleNamespace(lock=threading.Lock(), version=0)
+    batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
+                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
+                           rewards=rl.Rewards(kind, problems, args))
+    (prompts, sampling), = calls
+    rows = [g["row"] for g in batch["groups"]]
+    assert prompts == [direct_messages(problems[r]["problem"]) for r in rows for _ in range(2)]
+    assert prompts[0][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.8, 1.0, 0, 4)
+    s = batch["groups"][0]["samples"][0]
+    lp = rl.sequence_logprobs(model, rl.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
+                              tok.pad_token_id, 4096)[0]
+    assert lp == pytest.approx(s["old_logp"], abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
+
+
+def test_grad_clip_means_the_released_clip(tiny_model_dir):
+    """DeepSpeed divided the released trainer's gradient by its accumulation steps x ranks (64 in stage 2)
+    before its 0.3 clip; ours is the plain gradient, so the same clip is 0.3 x 64 on it."""
+    model = common.load_model(tiny_model_dir, dtype=torch.float32)
+    tap = rl.tap_hidden(model)
+    seqs = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "old_logp": [-12.0, -12.0], "advantage": 1.0,
+             "weight": 1.0, "num_tokens": 5}]
+    norms = []
+    for divisor in ("64", "1"):
+        args = rl.get_args(["--temperature", "1.0", "--grad-clip", "1e-4", "--grad-clip-divisor", divisor])
+        params = [p for p in model.parameters()]
+        opt = torch.optim.AdamW(params, lr=0.0)
+        opt.step = lambda: norms.append(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item())
+        _, raw, _ = rl.train_step(model, tap, None, None, opt, params, [seqs], args, 0.0, 0, torch.device("cpu"))
+        assert raw > 1e-2  # the clip is active in both runs
+    assert norms[0] == pytest.approx(64e-4, rel=1e-4) and norms[1] == pytest.approx(1e-4, rel=1e-4)
+
+
 def test_producer_runs_at_most_max_lag_ahead():
     def make(index, ro):
         return {"index": index, "version": ro.version}
@@ -214,11 +329,14 @@ def test_sample_rc_states():
     assert rl.sample_rc_states({"states": [None]}, 2, random.Random(0)) == [None]  # a failed first summary
 
 
-def test_rc_batch_through_engine(tiny_model_dir, tokenizer):
-    """build_batch with --rc-turns 2 on the real HF engine + run_rc: one group per sampled state, its
-    prompt carrying that summary, graded against the original problem."""
-    from rc_decode import make_engine
+def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
+    """build_batch with --rc-turns 2 on the real HF engine + run_rc, under the Thinking-2507-like template:
+    one group per sampled state, every state (the empty one too) in the same RC prompt (the empty one with
+    the no-summary marker), graded against the original problem; the RC trajectory's last turn is
+    summarized too (the states are None, S1, S2). The summarizer is Instruct-2507-like, as in the recipe."""
+    from rc_decode import NO_SUMMARY, make_engine, reasoning_messages
 
+    tokenizer = common.load_tokenizer(tiny_model_dir)
     args = tiny_args("--rc-turns", "2", "--rc-states-per-problem", "2", "--problems-per-step", "2",
                      "--samples-per-problem", "2", "--max-new-tokens", "6", "--rc-reason-tokens", "6",
                      "--rc-summary-tokens", "5", "--model", tiny_model_dir)
@@ -226,15 +344,18 @@ def test_rc_batch_through_engine(tiny_model_dir, tokenizer):
     model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
     engine = make_engine("hf", model, tokenizer=tokenizer)
     ro = SimpleNamespace(lock=threading.Lock(), version=3)
-    batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
-                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tokenizer, template=None,
+    summarizer = make_engine("hf", tiny_instruct_dir, device="cpu", dtype=torch.float32)
+    batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=summarizer,
+                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
                            rewards=rl.Rewards(kind, problems, args))
     assert len(batch["groups"]) == 4 and all(g["version"] == 3 for g in batch["groups"])
+    assert any(g["state"] is not None for g in batch["groups"])
     for g in batch["groups"]:
         prompt = tokenizer.decode(g["samples"][0]["prompt_ids"])
-        assert problems[g["row"]]["problem"] in prompt
-        if g["state"] is not None:
-            assert g["state"] in prompt
+        want = tokenizer.apply_chat_template(reasoning_messages(problems[g["row"]]["problem"], g["state"], None),
+                                             tokenize=False, add_generation_prompt=True)
+        assert prompt == want and prompt.endswith("<|im_start|>assistant\n<think>\n")
+        assert (NO_SUMMARY in prompt) == (g["state"] is None)
         assert len(g["rewards"]) == 2
         assert all(len(s["old_logp"]) == len(s["completion_ids"]) for s in g["samples"])
 
@@ -274,15 +395,20 @@ class FakeJudge(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_judge_outage_skips_and_counts_groups(tmp_path):
+@pytest.mark.parametrize("policy", ["zero", "skip"])
+def test_judge_outage_counts_and_zeroes_or_skips(tmp_path, policy):
+    """A grade that still fails after retries: reward 0, trained and counted (released; --judge-failures
+    zero), or its group skipped and counted (--judge-failures skip). Never a made-up score."""
+    FakeJudge.calls.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         args = rl.get_args(["--judge-url", f"http://127.0.0.1:{server.server_port}/v1", "--judge-retries", "1",
-                            "--group-retries", "1", "--samples-per-problem", "2", "--output-dir", str(tmp_path)])
+                            "--group-retries", "1", "--samples-per-problem", "2", "--output-dir", str(tmp_path),
+                            "--judge-failures", policy])
         problems = [{"problem": f"Problem {i}.", "rubric": "7 if right", "answer": None} for i in range(3)]
         rewards = rl.Rewards("judge", problems, args)
-        done = "<think>\nok\n</think>\n\n"
+        done = "ok\n</think>\n\n"  # a Thinking-2507 completion: its <think> was in the prompt
         groups = [{"row": 0, "samples": [{"text": done + "\\boxed{5}"}, {"text": done + "\\boxed{4}"}]},
                   {"row": 1, "samples": [{"text": done + "FAIL"}, {"text": done + "\\boxed{5}"}]},
                   {"row": 2, "samples": [{"text": done + "BAD"}, {"text": "no think end: truncated"}]}]
@@ -291,8 +417,12 @@ def test_judge_outage_skips_and_counts_groups(tmp_path):
         stats = Counter()
         rewards.finish(rewards.start(groups), stats)
         assert groups[0]["rewards"] == [1.0, pytest.approx(2 / 7)] and not groups[0]["failed"]
-        assert groups[1]["failed"] and "rewards" not in groups[1]  # never scored as if graded
-        assert groups[2]["failed"] and "rewards" not in groups[2]
+        if policy == "zero":
+            assert groups[1]["rewards"] == [0.0, 1.0] and not groups[1]["failed"]
+            assert groups[2]["rewards"] == [0.0, 0.0] and not groups[2]["failed"]
+        else:
+            assert groups[1]["failed"] and "rewards" not in groups[1]  # never scored as if graded
+            assert groups[2]["failed"] and "rewards" not in groups[2]
         assert stats["judge_failures"] == 2 and stats["judge_regraded"] == 2
         assert FakeJudge.calls["FAIL"] == 4  # (1 try + 1 retry) x (grade + 1 group re-grade)
     finally:
