@@ -2,7 +2,9 @@
 
 A proof reward in QED-Nano comes from a judge that reads the problem, a marking scheme and the text
 after </think>, and answers with a score tag holding 0..7 (shared/RECIPE.md, "Stage 2"). This file
-is that judge's client: concurrent, retried, cached on disk as each grade arrives.
+is that judge's client: concurrent, retried, cached on disk as each grade arrives. The benchmark
+graders of the released eval are prompts too (imo_proofbench, proofbench, and answerbench: an LLM
+that compares the last \boxed{} answer with the gold answer).
 
     # the RL reward judge of the recipe: gpt-oss-20b served by vLLM, medium reasoning effort
     vllm serve openai/gpt-oss-20b --port 8000
@@ -13,12 +15,12 @@ is that judge's client: concurrent, retried, cached on disk as each grade arrive
     python judge.py --input proofs.jsonl --output grades.jsonl --prompt imo_proofbench \
         --base-url https://generativelanguage.googleapis.com/v1beta/openai --model gemini-3-pro-preview
 
-Input rows: {"problem", "proof" (the raw completion, thinking included), "rubric", "reference"
-(only for prompts that use it), "id" (optional)}. Each output row is the input's id/row number plus
+Input rows: {"problem", "proof" (the raw completion, thinking included), "rubric", "reference",
+"answer" (only for prompts that use them), "id" (optional)}. Each output row is the input's id/row number plus
 the Grade. Rerunning the command skips rows already graded; errored rows are retried.
 
 Python API (rl.py, eval.py):
-    judge = Judge(base_url, model, prompt="marking_scheme", cache_path="judge.sqlite")
+    judge = Judge(base_url, model, prompt="rl_proof", cache_path="judge.sqlite")  # strip_self_eval=False
     future = judge.submit(items)        # non-blocking; items = [{problem, proof, rubric}, ...]
     grades = future.result()            # list[Grade]; grade.reward = score / 7
     answer_reward(completion, "42")     # 1.0 / 0.0 with math-verify, no LLM
@@ -70,26 +72,32 @@ def parse_score(text):
     return value if value is not None and 0 <= value <= 7 else None
 
 
-# A heading line that opens a self-evaluation section (DeepSeek-Math-V2-style models end the proof
-# with one). Heading-like: optional markdown marks/numbering, the phrase, at most ~40 more chars.
-_SELF_EVAL_RE = re.compile(
-    r"^[ \t>#*_]*(?:\d+[.)]\s*)?self[- ]?(?:evaluation|assessment|verification|check)\b[^\n]{0,40}$",
-    re.IGNORECASE | re.MULTILINE)
+# The heading that opens a trailing self-evaluation section, as the released evaluation removes it
+# (eval/src/imobench/evaluation.py, remove_self_evaluation): a markdown heading at the start of a line
+# (one or more '#') reading "Evaluation", "Self Evaluation" or "Final Evaluation", '*' bold marks and
+# spaces tolerated; everything from it to the end goes. Like the released pattern it is case-sensitive
+# and needs the '#': "Self-evaluation:" or "**Self Evaluation**" alone are kept (they are not headings).
+_SELF_EVAL_RE = re.compile(r"^#+[ \t*]*(?:(?:Self|Final)[ \t*]*){0,2}Evaluation\b", re.MULTILINE)
 
 
-def prepare_proof(completion_text, *, require_think=True):
-    """The proof a judge sees: the text after the last </think>, without a trailing self-evaluation
-    section. None when there is no </think> (a truncated rollout: score 0, no judge call).
-    require_think=False takes the whole text when the model does not think (instruct models)."""
+def strip_self_evaluation(text):
+    """`text` up to the self-evaluation heading (see _SELF_EVAL_RE), stripped; all of it when there is none."""
+    m = _SELF_EVAL_RE.search(text)
+    return (text[:m.start()] if m else text).strip()
+
+
+def prepare_proof(completion_text, *, require_think=True, strip_self_eval=False):
+    """The proof a judge sees: the text after the last </think> (a completion from a Qwen3-Thinking-2507
+    template has no opening <think>: its prompt ended with one). None when there is no </think> (a
+    truncated rollout: score 0, no judge call). require_think=False takes the whole text when the model
+    does not think (instruct models). strip_self_eval=True also cuts a trailing self-evaluation section
+    (benchmark grading, as the released eval does); training rewards keep it (the default)."""
     _, answer, truncated = common.split_thinking(completion_text or "")
     if truncated:
         if require_think:
             return None
         answer = re.sub(r"^\s*<think>", "", completion_text or "").strip()
-    m = _SELF_EVAL_RE.search(answer)
-    if m:
-        answer = answer[:m.start()]
-    return answer.strip()
+    return strip_self_evaluation(answer) if strip_self_eval else answer.strip()
 
 
 def score_to_reward(score, threshold=None):
@@ -149,6 +157,54 @@ def answer_reward(completion_text, reference):
 
 
 # ---------------------------------------------------------------------------------------------
+# final answers graded by an LLM (IMO-AnswerBench as the released eval grades it)
+
+
+def _boxes(text):
+    """[(start, content)] of every complete top-level \\boxed{...} / \\fbox{...} (a box inside another
+    box is part of the outer one's content; an unclosed box is skipped)."""
+    out, pos = [], 0
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        if m.start() < pos:
+            continue  # inside the previous box
+        depth = 0
+        for j in range(m.end() - 1, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append((m.start(), text[m.end():j].strip()))
+                pos = j + 1
+                break
+    return out
+
+
+def final_answer_excerpt(answer_text):
+    """What the answer judge is shown of a response: its final boxed answer - every \\boxed{} on the
+    last line holding one, joined by ", " (answers like "\\boxed{1}, \\boxed{2}" are lists) - or,
+    when there is no box, its last five lines after "..." (the released eval's fallback)."""
+    text = (answer_text or "").strip()
+    boxes = _boxes(text)
+    if boxes:
+        last_line = text.count("\n", 0, boxes[-1][0])
+        return ", ".join(c for s, c in boxes if text.count("\n", 0, s) == last_line)
+    lines = text.split("\n")
+    return "...\n" + "\n".join(lines[-5:]) if len(lines) >= 5 else text
+
+
+_VERDICT_RE = re.compile(r"^[\s*]*(?:\\text(?:bf)?\{\s*)?(correct|incorrect)\s*\}?[\s*.]*$", re.IGNORECASE)
+
+
+def parse_correctness(reply):
+    """True / False from the answer judge's LAST \\boxed{Correct} / \\boxed{Incorrect} (\\text{...} and
+    bold tolerated); None when the reply has no box or the last box holds anything else (a parse
+    failure: counts 0)."""
+    boxes = _boxes(reply or "")
+    if not boxes:
+        return None
+    m = _VERDICT_RE.match(boxes[-1][1])
+    return None if m is None else m.group(1).lower() == "correct"
+
+
+# ---------------------------------------------------------------------------------------------
 # prompts
 
 
@@ -158,17 +214,26 @@ def load_prompt(name):
     if not os.path.isfile(path):
         known = sorted(f[6:-4] for f in os.listdir(PROMPT_DIR) if f.startswith("judge_") and f.endswith(".txt"))
         raise ValueError(f"judge prompt {name!r} not found at {path}; known prompts: {known} "
-                         "(or pass a path to a .txt template with {problem} {rubric} {reference} {proof})")
+                         "(or pass a path to a .txt template with {problem} {rubric} {reference} {answer} {proof})")
     with open(path) as f:
         return f.read()
 
 
+# The placeholders a judge template may use. {answer} is the gold answer: a template that uses it is
+# an answer judge (the candidate's {proof} is then its final boxed answer, the reply a \boxed{} verdict).
+TEMPLATE_FIELDS = ("problem", "rubric", "reference", "answer", "proof")
+
+
+def template_fields(template):
+    """The placeholders of TEMPLATE_FIELDS that `template` uses, in that order."""
+    return [f for f in TEMPLATE_FIELDS if "{" + f + "}" in template]
+
+
 def render_prompt(template, fields):
-    """Fill {problem} {rubric} {reference} {proof}. str.replace, not str.format: proofs and
-    rubrics are full of LaTeX braces."""
-    for k, v in fields.items():
-        template = template.replace("{" + k + "}", v)
-    return template
+    """Fill the {placeholders} of `fields` in one pass (text inside a field, e.g. a problem quoting
+    "{proof}", is never re-read as a placeholder). Not str.format: proofs are full of LaTeX braces."""
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, fields)) + r")\}")
+    return pattern.sub(lambda m: fields[m.group(1)], template) if fields else template
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,19 +320,26 @@ class Judge:
     request that still fails becomes a Grade with `error` set, never a silent 0. Each reply is
     written to the cache the moment it arrives. The API key is read from `$api_key_env` (optional
     for a local vLLM server) and never logged.
+
+    Two kinds of prompt: a proof judge (the reply's last <score>/<points> tag, 0..7) and an answer
+    judge, any template using {answer} (judge_answerbench): it is shown the final boxed answer of the
+    proof text (final_answer_excerpt) and the gold answer, and its last \\boxed{Correct} gives 7,
+    \\boxed{Incorrect} 0, anything else a parse failure. strip_self_eval cuts a trailing
+    self-evaluation section before grading (eval.py: True, as the released eval; RL rewards: False).
     """
 
-    def __init__(self, base_url, model, *, api_key_env="JUDGE_API_KEY", prompt="marking_scheme", cache_path=None,
+    def __init__(self, base_url, model, *, api_key_env="JUDGE_API_KEY", prompt="rl_proof", cache_path=None,
                  concurrency=32, timeout=600.0, max_retries=6, reasoning_effort=None, max_tokens=None,
-                 threshold=None, require_think=True, backoff_base=2.0, backoff_max=120.0, retry_after_max=600.0,
-                 max_tokens_param="max_tokens", extra_body=None):
+                 threshold=None, require_think=True, strip_self_eval=False, backoff_base=2.0, backoff_max=120.0,
+                 retry_after_max=600.0, max_tokens_param="max_tokens", extra_body=None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.prompt_name = model, prompt
         self.template = load_prompt(prompt)
-        self.fields = [f for f in ("problem", "rubric", "reference", "proof") if "{" + f + "}" in self.template]
+        self.fields = template_fields(self.template)
+        self.answer_judge = "answer" in self.fields
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.reasoning_effort, self.max_tokens, self.max_tokens_param = reasoning_effort, max_tokens, max_tokens_param
-        self.threshold, self.require_think = threshold, require_think
+        self.threshold, self.require_think, self.strip_self_eval = threshold, require_think, strip_self_eval
         self.backoff_base, self.backoff_max, self.retry_after_max = backoff_base, backoff_max, retry_after_max
         self.extra_body = dict(extra_body or {})
         self.api_key_env = api_key_env
@@ -329,13 +401,15 @@ class Judge:
     def _job(self, i, item):
         if not isinstance(item, dict) or "proof" not in item or "problem" not in item:
             raise ValueError(f"judge item {i}: needs a dict with 'problem' and 'proof' (got {str(item)[:100]})")
-        proof = prepare_proof(item["proof"], require_think=self.require_think)
+        proof = prepare_proof(item["proof"], require_think=self.require_think, strip_self_eval=self.strip_self_eval)
         if proof is None:
             return Grade(0, 0.0, truncated=True, note="no </think> (truncated): scored 0 without a judge call")
         if not proof:
             return Grade(0, 0.0, note="empty proof after removing the thinking: scored 0 without a judge call")
+        if self.answer_judge:
+            proof = final_answer_excerpt(proof)
         fields = {"problem": item["problem"], "rubric": item.get("rubric"), "reference": item.get("reference"),
-                  "proof": proof}
+                  "answer": None if item.get("answer") is None else str(item["answer"]), "proof": proof}
         for f in self.fields:
             if not isinstance(fields[f], str) or not fields[f].strip():
                 raise ValueError(f"judge item {i}: prompt {self.prompt_name!r} uses {{{f}}} but the item's "
@@ -346,10 +420,15 @@ class Judge:
         return key, [{"role": "user", "content": content}]
 
     def _grade_from_reply(self, reply, latency_s, cached):
-        score = parse_score(reply)
+        if self.answer_judge:
+            ok = parse_correctness(reply)
+            score = None if ok is None else 7 if ok else 0
+            failed = "no \\boxed{Correct} or \\boxed{Incorrect} as the reply's last box: counts 0"
+        else:
+            score = parse_score(reply)
+            failed = "no valid <score>/<points> tag 0..7 in the reply: counts 0"
         return Grade(score, score_to_reward(score, self.threshold), reply=reply, parse_failed=score is None,
-                     cached=cached, latency_s=round(latency_s, 3),
-                     note="" if score is not None else "no valid <score>/<points> tag 0..7 in the reply: counts 0")
+                     cached=cached, latency_s=round(latency_s, 3), note="" if score is not None else failed)
 
     # ---- the event loop side
 
@@ -488,8 +567,11 @@ def main(argv=None):
     p.add_argument("--model", default="openai/gpt-oss-20b", help="judge model name as the server knows it")
     p.add_argument("--api-key-env", default="JUDGE_API_KEY", help="environment variable holding the API key "
                    "(unset = no Authorization header, fine for a local vLLM server)")
-    p.add_argument("--prompt", default="marking_scheme", help="prompts/judge_<name>.txt: marking_scheme (RL, "
-                   "ProofBench; <score>) or imo_proofbench (reference + guidelines; <points>), or a .txt path")
+    p.add_argument("--prompt", default="rl_proof", help="prompts/judge_<name>.txt: rl_proof (the RL reward: "
+                   "correctness first, scheme advisory; <score>), proofbench (ProofBench: scheme, alternative "
+                   "approaches mapped onto it; <points>), marking_scheme (strict scheme; <score>), imo_proofbench "
+                   "(reference + guidelines; <points>), answerbench (answer judge: rows need 'answer'; "
+                   "\\boxed{Correct}), or a .txt path")
     p.add_argument("--reasoning-effort", default="medium",
                    help="low|medium|high, sent as reasoning_effort ('' = not sent)")
     p.add_argument("--max-tokens", type=int, default=-1, help="judge reply budget in tokens (-1 = server default)")
@@ -504,6 +586,9 @@ def main(argv=None):
     p.add_argument("--threshold", type=int, default=-1, help="reward 1 if score >= this else 0 (-1 = score/7)")
     p.add_argument("--allow-no-think", action="store_true", help="grade the whole text when there is no "
                    "</think> (non-thinking models) instead of scoring it 0 as truncated")
+    p.add_argument("--strip-self-eval", action="store_true", help="cut a trailing self-evaluation section (a "
+                   "'# Evaluation' / '## Self Evaluation' / '## Final Evaluation' heading to the end) before "
+                   "grading, as benchmark grading does (eval.py); off = RL rewards, which keep it")
     args = p.parse_args(argv)
 
     cache = None if args.cache == "none" else (args.cache or args.output + ".cache.sqlite")
@@ -512,7 +597,7 @@ def main(argv=None):
                   reasoning_effort=args.reasoning_effort or None,
                   max_tokens=args.max_tokens if args.max_tokens > 0 else None, max_tokens_param=args.max_tokens_param,
                   threshold=args.threshold if args.threshold >= 0 else None, require_think=not args.allow_no_think,
-                  backoff_base=args.backoff)
+                  strip_self_eval=args.strip_self_eval, backoff_base=args.backoff)
     if not judge._headers:
         print(f"note: ${args.api_key_env} is not set; sending requests without an API key", flush=True)
     with open(args.output + ".args.json", "w") as f:

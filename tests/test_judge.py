@@ -195,14 +195,28 @@ def test_prepare_proof():
     assert prepare_proof("reasoning </think> Proof body") == "Proof body"
     # only the text after the *last* </think>
     assert prepare_proof("<think>x</think> draft </think> final") == "final"
-    # a trailing self-evaluation section is removed, in its common heading shapes
-    for head in ["## Self Evaluation", "**Self-Evaluation**", "Self-evaluation:", "### 3. Self-Assessment",
-                 "SELF VERIFICATION"]:
-        text = f"<think>t</think>\nStep 1. x = 1.\nStep 2. Done.\n\n{head}\nMy proof is correct.\n\\boxed{{1}}"
-        assert prepare_proof(text) == "Step 1. x = 1.\nStep 2. Done.", head
-    # a sentence that merely mentions self-verification is not a heading: nothing is cut
-    body = "We use self-verification of the bound in Lemma 2, which is routine and was checked above here."
-    assert prepare_proof("</think>" + body) == body
+
+
+# headings that open a self-evaluation section as the released eval removes it (remove_self_evaluation
+# in eval/src/imobench/evaluation.py): 1+ '#', then Evaluation / Self Evaluation / Final Evaluation,
+# '*' bold marks and spaces tolerated
+@pytest.mark.parametrize("head", ["## Self Evaluation", "# Evaluation", "### Final Evaluation", "##Self Evaluation",
+                                  "## **Self Evaluation**", "#### *Final* Evaluation:", "## Final Self Evaluation",
+                                  "## Evaluation of the proof"])
+def test_self_evaluation_heading_is_cut_in_eval_only(head):
+    text = f"<think>t</think>\nStep 1. x = 1.\nStep 2. Done.\n\n{head}\nMy proof is correct.\n\\boxed{{1}}"
+    assert prepare_proof(text, strip_self_eval=True) == "Step 1. x = 1.\nStep 2. Done.", head
+    # training rewards keep it: the default, and what rl.py passes
+    assert prepare_proof(text) == prepare_proof(text, strip_self_eval=False) == text.split("</think>")[1].strip()
+
+
+# lines that are not such a heading: nothing is cut (the old heuristic cut the first four)
+@pytest.mark.parametrize("line", ["Self-evaluation: the bound holds.", "**Self Evaluation**", "### 3. Self-Assessment",
+                                  "SELF VERIFICATION", "## Evaluating the sum", "We now turn to the evaluation of S.",
+                                  "## Self Evaluations", "  In the evaluation below, # Evaluation is a phrase."])
+def test_non_heading_lines_are_kept(line):
+    body = f"Step 1. Let S = 1.\n{line}\nStep 2. Hence S = 1, and the claim follows."
+    assert prepare_proof("</think>" + body, strip_self_eval=True) == body, line
 
 
 def test_grade_answer_and_reward():
@@ -352,6 +366,117 @@ def test_threshold_and_grade_type(fake):
     a, b = j.grade([item("a"), item("b")])
     j.close()
     assert isinstance(a, Grade) and (a.reward, b.reward) == (1.0, 0.0)
+
+
+# A completion as Qwen3-4B-Thinking-2507 writes it: its generation prompt ends with "<think>\n", so the
+# completion has no opening tag, and a proof-then-self-evaluation answer ends with its own verdict.
+THINKING_2507 = ("Let me check small cases: 1 + 1 = 2, and the successor of 1 is 2.\n</think>\n\n"
+                 "**Proof.** By the definition of 2 as the successor of 1, 1 + 1 = 2. QED\n\n"
+                 "## Self Evaluation\nEvery step is justified. \\boxed{1}")
+
+
+def test_what_the_judge_is_sent_for_a_thinking_2507_completion(fake):
+    srv = fake({"rl": ["ok:7"], "ev": ["ok:7"]})
+    sent = {}
+    for pid, strip in (("rl", False), ("ev", True)):
+        j = Judge(srv.url, "m", prompt="rl_proof", strip_self_eval=strip, **FAST)
+        (g,) = j.grade([dict(item(pid), proof=THINKING_2507)])
+        j.close()
+        assert g.score == 7 and not g.truncated
+        sent[pid] = srv.requests(pid)[0]["body"]["messages"][0]["content"]
+    for content in sent.values():  # the thinking never reaches the judge, the proof does
+        assert "Let me check small cases" not in content and "</think>" not in content
+        assert "**Proof.** By the definition of 2 as the successor of 1, 1 + 1 = 2. QED" in content
+    assert "## Self Evaluation\nEvery step is justified." in sent["rl"]  # RL rewards keep the self-evaluation
+    assert "Self Evaluation" not in sent["ev"] and "\\boxed{1}" not in sent["ev"]  # benchmark grading cuts it
+    # the same completion cut by the budget before </think> is truncated: 0, no judge call
+    j = Judge(srv.url, "m", **FAST)
+    (g,) = j.grade([dict(item("cut"), proof=THINKING_2507.split("</think>")[0])])
+    j.close()
+    assert g.truncated and g.score == 0 and not srv.requests("cut")
+
+
+def test_judge_prompts_of_the_released_eval_and_rl():
+    # ProofBench: the marking scheme, no reference, alternative approaches mapped onto its checkpoints,
+    # <points>N</points>; RL: correctness first, the scheme advisory, <score>N</score>
+    for name, tag in (("proofbench", "<points>N</points>"), ("rl_proof", "<score>N</score>")):
+        t = judge.load_prompt(name)
+        assert judge.template_fields(t) == ["problem", "rubric", "proof"], name
+        assert tag in t and "checkpoint" in t and "different" in t and "approach" in t, name
+    rl = judge.load_prompt("rl_proof")
+    assert rl.index("correctness") < rl.index("advisory")
+    t = judge.load_prompt("answerbench")
+    assert judge.template_fields(t) == ["problem", "answer", "proof"]
+    assert "\\boxed{Correct}" in t and "\\boxed{Incorrect}" in t
+    assert parse_score("Checkpoints 1 and 2 are earned.\n<points>5</points>") == 5
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the answer is \\boxed{5}.", "5"),
+    ("first \\boxed{3}\nthen \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box
+    ("the solutions are \\boxed{1}, \\boxed{2} and \\boxed{4}", "1, 2, 4"),  # every box of that last line
+    ("\\boxed{x^{2}} done", "x^{2}"),
+    ("l1\nl2\nl3\nl4\nl5\nl6 no box at all", "...\nl2\nl3\nl4\nl5\nl6 no box at all"),  # the last five lines
+    ("short, no box", "short, no box"),
+])
+def test_final_answer_excerpt(text, expected):
+    assert judge.final_answer_excerpt(text) == expected
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("The answers agree.\n\\boxed{Correct}", True),
+    ("\\boxed{Incorrect}", False),
+    ("<thinking>they differ</thinking>\n\\boxed{\\text{Incorrect}}", False),
+    ("**\\boxed{ correct }**", True),
+    ("first \\boxed{Correct}, on reflection \\boxed{Incorrect}", False),  # the last box counts
+    ("the gold answer is \\boxed{5}", None),  # a box that is no verdict
+    ("Correct", None),  # no box
+    ("", None),
+])
+def test_parse_correctness(reply, expected):
+    assert judge.parse_correctness(reply) is expected
+
+
+def test_answer_judge(fake):
+    """IMO-AnswerBench's grader: the judge gets the problem, the gold answer and the response's final
+    boxed answer (not the reasoning, not the rest of the answer); its last \\boxed{} verdict gives 7 or 0."""
+    srv = fake({"ok": ["text:Both are 5.\n\\boxed{Correct}"], "no": ["text:\\boxed{Incorrect}"],
+                "odd": ["text:I cannot tell."], "five": ["text:\\boxed{Incorrect}"]})
+
+    def ans(pid, completion, gold="5"):
+        return {"problem": f"[[{pid}]] Compute 2 + 3.", "proof": completion, "answer": gold}
+    j = Judge(srv.url, "m", prompt="answerbench", strip_self_eval=True, **FAST)
+    lines = "\n".join(f"line {i}" for i in range(8))
+    ok, no, odd, five, trunc = j.grade([
+        ans("ok", "2 + 3 is 5.\n</think>\n\nWe add: the answer is \\boxed{5}.\n\n## Self Evaluation\nSure: \\boxed{1}"),
+        ans("no", "<think>hm</think>So \\boxed{6}."), ans("odd", "</think>\\boxed{5}"),
+        ans("five", "</think>" + lines), ans("trunc", "2 + 3 = 5, so \\boxed{5}")])
+    j.close()
+    assert (ok.score, ok.reward, no.score, no.reward) == (7, 1.0, 0, 0.0)
+    assert odd.score is None and odd.parse_failed and odd.reward == 0.0 and "Correct" in odd.note
+    assert five.score == 0 and trunc.truncated and not srv.requests("trunc")
+    content = srv.requests("ok")[0]["body"]["messages"][0]["content"]
+    assert "Compute 2 + 3." in content and "\nGold answer:\n5\n" in content
+    assert "\n5\n" in content.split("Gold answer:")[0].split("Compute 2 + 3.")[1]  # the extracted answer
+    assert "We add" not in content and "2 + 3 is 5" not in content and "boxed{1}" not in content
+    assert "...\nline 3\nline 4\nline 5\nline 6\nline 7\n" in srv.requests("five")[0]["body"]["messages"][0]["content"]
+    j = Judge(srv.url, "m", prompt="answerbench", **FAST)
+    with pytest.raises(ValueError, match=r"item 0: prompt 'answerbench' uses \{answer\}"):
+        j.submit([{"problem": "p", "proof": "</think>\\boxed{1}"}])
+    j.close()
+
+
+def test_cli_strip_self_eval_flag(fake, tmp_path):
+    srv = fake({"a": ["ok:6"]})
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(dict(item("a"), proof=THINKING_2507)) + "\n")
+    base = ["--input", str(inp), "--base-url", srv.url, "--model", "m", "--backoff", "0.01", "--cache", "none"]
+    assert judge.main(base + ["--output", str(out)]) == 0  # default: the RL reward keeps the self-evaluation
+    assert judge.main(base + ["--output", str(tmp_path / "out2.jsonl"), "--strip-self-eval"]) == 0
+    first, second = (e["body"]["messages"][0]["content"] for e in srv.requests("a"))
+    assert "## Self Evaluation" in first and "Self Evaluation" not in second
+    assert "correctness" in first  # the default prompt is rl_proof
+    assert [r["score"] for r in common.read_jsonl(str(out))] == [6]
 
 
 # ---------------------------------------------------------------------------------------------
