@@ -26,9 +26,11 @@ def _slice_args(token_args, c0, c1):
 
 
 def run_fused_linear_loss(hidden, weight, targets, token_loss_fn, token_args, temperature,
-                          ignore_index, chunk_size, need_h, need_w, entropy=True):
+                          ignore_index, chunk_size, need_h, need_w, entropy=True, grad_w_dtype=None):
     """The chunk loop (inputs already checked). Returns loss (0-dim), stats, grad_h, grad_w.
-    entropy=False: the loss does not use the entropy (the PyTorch path skips it; stats omit it)."""
+    entropy=False: the loss does not use the entropy (the PyTorch path skips it; stats omit it).
+    grad_w is the fp32 (V, H) accumulator cast to grad_w_dtype (default weight.dtype); with
+    grad_w_dtype=float32 (the gradient of an fp32 master parameter) it is the accumulator itself."""
     n, v = hidden.shape[0], weight.shape[0]
     triton_path = utils.use_triton(hidden)
     scale = 1.0 / temperature
@@ -76,17 +78,19 @@ def run_fused_linear_loss(hidden, weight, targets, token_loss_fn, token_args, te
     stats = {"logp": logp_all, "entropy": ent_all} if entropy else {"logp": logp_all}
     stats.update({name: torch.cat(vals) for name, vals in extra.items()})
     if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
+        grad_w = grad_w.to(grad_w_dtype or weight.dtype)  # no copy when the dtypes agree
     return loss.to(torch.float32), stats, grad_h, grad_w
 
 
 class FusedLinearLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_loss_fn, token_args, temperature, ignore_index,
-                chunk_size, need_h, need_w, entropy, stats_out):
+                chunk_size, need_h, need_w, entropy, stats_out, weight_compute):
+        # weight_compute: the (detached) half-precision cast the matmuls read when `weight` is the fp32
+        # master parameter it was cast from (utils.fp32_master); the gradient is then weight's, fp32.
         loss, stats, grad_h, grad_w = run_fused_linear_loss(
-            hidden, weight, targets, token_loss_fn, token_args, temperature, ignore_index,
-            chunk_size, need_h, need_w, entropy)
+            hidden, weight if weight_compute is None else weight_compute, targets, token_loss_fn,
+            token_args, temperature, ignore_index, chunk_size, need_h, need_w, entropy, weight.dtype)
         stats_out.update(stats)
         ctx.grads = (grad_h, grad_w)
         return loss
@@ -104,7 +108,7 @@ class FusedLinearLossFunction(torch.autograd.Function):
             grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w.mul_(grad_loss.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def check_token_args(token_args, n, device):
@@ -148,9 +152,13 @@ def apply_fused_linear_loss(hidden, weight, targets, token_loss_fn, token_args, 
                                                   entropy)
         return loss, stats
     stats = {}
-    loss = FusedLinearLossFunction.apply(hidden, weight, targets, token_loss_fn, token_args,
-                                         temperature, ignore_index, chunk_size, need_h, need_w, entropy,
-                                         stats)
+    # weight = param.to(bf16) of an fp32 parameter: differentiate w.r.t. param itself, so that the fp32
+    # accumulator becomes param.grad (no bf16 round trip, no extra (V, H) copies; utils.fp32_master).
+    master = utils.fp32_master(weight) if need_w else None
+    loss = FusedLinearLossFunction.apply(hidden, weight if master is None else master, targets,
+                                         token_loss_fn, token_args, temperature, ignore_index,
+                                         chunk_size, need_h, need_w, entropy, stats,
+                                         None if master is None else weight.detach())
     return loss, stats
 
 

@@ -18,7 +18,9 @@ in fp32 (C, V); a Triton row kernel sweeps the vocabulary in tiles with an onlin
 sum p*z (lse, logp, entropy, E[z]); a second Triton pass writes dlogits in the matmul dtype; cuBLAS
 forms grad_h_c = dlogits W, and grad_W += dlogits^T h_c is accumulated in fp32 (cuBLAS addmm with an
 fp32 output where this torch allows an fp32 accumulator with bf16 operands, else our Triton GEMM).
-Memory: O(N H + C V) plus the fp32 weight-gradient accumulator (V H).
+Memory: O(N H + C V) plus the fp32 weight-gradient accumulator (V H), which is the weight's gradient
+itself when the weight is a bf16 cast of an fp32 master parameter (utils.fp32_master: it becomes
+param.grad, no further copy).
 
 This file: the row kernels and the accumulating GEMM, their launchers and pure-PyTorch twins, the
 chunk helpers that fused_linear_loss.py shares, and `linear_logprob` (autograd for any upstream
@@ -266,7 +268,14 @@ def chunk_apply_grads(dl, h_c, w_mm, triton_path, grad_h_c, grad_w):
 
 class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy, chunk_size,
+                weight_compute=None):
+        # weight_compute: the detached half-precision cast the matmuls use when `weight` is the fp32
+        # master parameter it was cast from (utils.fp32_master): the backward's fp32 accumulator is
+        # then returned as weight's gradient as it is.
+        ctx.grad_w_dtype = weight.dtype
+        if weight_compute is not None:
+            weight = weight_compute
         n, v = hidden.shape[0], weight.shape[0]
         triton_path = utils.use_triton(hidden)
         scale = 1.0 / temperature
@@ -313,8 +322,8 @@ class LinearLogprobFunction(torch.autograd.Function):
                               grad_w)
             del dl
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+            grad_w = grad_w.to(ctx.grad_w_dtype)  # no copy for an fp32 master parameter
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_logprob(hidden, weight, targets, *, temperature=1.0, ignore_index=-100,
@@ -327,8 +336,11 @@ def linear_logprob(hidden, weight, targets, *, temperature=1.0, ignore_index=-10
     (N, V) tensor. CUDA tensors run the Triton kernels, CPU tensors the pure-PyTorch path.
     """
     utils.check_linear_inputs(hidden, weight, targets, ignore_index, temperature)
-    logp, ent = LinearLogprobFunction.apply(hidden, weight, targets.contiguous(), float(temperature),
-                                            ignore_index, bool(return_entropy), None)
+    master = utils.fp32_master(weight) if torch.is_grad_enabled() else None
+    logp, ent = LinearLogprobFunction.apply(hidden, weight if master is None else master,
+                                            targets.contiguous(), float(temperature), ignore_index,
+                                            bool(return_entropy), None,
+                                            None if master is None else weight.detach())
     return (logp, ent) if return_entropy else logp
 
 

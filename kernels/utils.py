@@ -29,6 +29,12 @@ CHUNK_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 22}
 # "auto" cuBLAS addmm with an fp32 output if this torch build accepts an fp32 accumulator with
 # bf16 operands, else our Triton GEMM; "cublas" / "triton" force one of them.
 GRAD_W_GEMM = os.environ.get("KERNELS_GRAD_W_GEMM", "auto")
+# Where the lm-head weight gradient goes when the weight passed in is a half-precision cast of an fp32
+# leaf parameter (weight = param.to(bf16): fp32 master weights, bf16 compute; env KERNELS_MASTER_GRAD):
+# "auto" the op takes the fp32 parameter as its autograd input and hands it the fp32 accumulator, which
+#        autograd installs as param.grad without a copy (or adds into an existing .grad);
+# "off"  the gradient flows back through the cast: fp32 accumulator -> bf16 copy -> fp32 copy.
+MASTER_GRAD = os.environ.get("KERNELS_MASTER_GRAD", "auto")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -72,6 +78,35 @@ def chunk_rows(n, v, device, chunk_size=None):
     if rows >= 128:
         rows = rows // 64 * 64  # whole tiles for the matmuls
     return max(1, min(rows, max(n, 1)))
+
+
+def fp32_master(weight):
+    """The fp32 leaf parameter that `weight` is a plain cast of (weight = param.to(bf16 or fp16), same
+    shape and device, e.g. under autocast or sft.py's `.to(compute_dtype)`), else None.
+
+    Then the ops differentiate w.r.t. that parameter directly: their fp32 weight-gradient accumulator
+    (V, H) is the parameter's gradient as it is, so it becomes param.grad (autograd's AccumulateGrad
+    takes it without a copy when .grad is None, adds it in place otherwise), instead of being rounded to
+    bf16 for the cast's backward, which makes a third (V, H) fp32 copy. Everything else stays ordinary
+    autograd (hooks on the parameter, DDP, torch.autograd.grad). Not taken (None, today's path) when
+    the weight is itself the leaf (fp32 on CPU; FSDP2's bf16 unsharded parameter under a
+    MixedPrecisionPolicy, whose gradient FSDP2 reduces in its own dtype), is a cast of a tensor
+    subclass (DTensor), has hooks of its own, or KERNELS_MASTER_GRAD=off."""
+    if MASTER_GRAD not in ("auto", "off"):
+        raise ValueError(f"KERNELS_MASTER_GRAD={MASTER_GRAD!r}: expected 'auto' or 'off'")
+    if MASTER_GRAD == "off" or not weight.requires_grad or weight.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    node = weight.grad_fn
+    if node is None or type(node).__name__ != "ToCopyBackward0" or getattr(weight, "_backward_hooks", None):
+        return None
+    nxt = node.next_functions
+    if len(nxt) != 1 or nxt[0][0] is None or type(nxt[0][0]).__name__ != "AccumulateGrad":
+        return None
+    leaf = nxt[0][0].variable
+    if (type(leaf) not in (torch.Tensor, torch.nn.Parameter) or leaf.dtype != torch.float32
+            or leaf.shape != weight.shape or leaf.device != weight.device):
+        return None
+    return leaf
 
 
 # ---- input checks (metadata only, no host-device sync, except the opt-in target range check)
