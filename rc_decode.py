@@ -291,6 +291,8 @@ class HFEngine:
             if not tokenizer:
                 raise ValueError("make_engine('hf', model_object) needs tokenizer= (object or path)")
         self.tokenizer = common.load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        # a tokenizer with more tokens than the model's embedding rows would index past them (IndexError)
+        common.check_tokenizer_matches(self.tokenizer, model, getattr(self.tokenizer, "name_or_path", "tokenizer"))
         self.model = model
         self.device = next(model.parameters()).device
         cfg = model.config

@@ -1,5 +1,6 @@
 """The offline harness itself: the real tokenizer's chat template and the tiny model's code path."""
 
+import pytest
 import torch
 
 import common
@@ -45,3 +46,63 @@ def test_read_jsonl_skips_torn_tail(tmp_path):
     with open(p, "a") as f:
         f.write('{"a": 2')  # a kill mid-write
     assert common.read_jsonl(p) == [{"a": 1}]
+
+
+def test_templates_behave_like_the_2507_models(thinking_tokenizer, instruct_tokenizer, tiny_model_dir):
+    """Thinking-2507: the generation prompt always opens <think>, enable_thinking or not; the last assistant
+    turn renders its reasoning, earlier ones only their answer. Instruct-2507: never a <think>."""
+    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+            {"role": "user", "content": "Q2"}]
+    for flag in (True, False):
+        text = thinking_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=flag)
+        assert text.endswith("<|im_start|>assistant\n<think>\n") and "r1" not in text and "A1" in text
+        text = instruct_tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True,
+                                                      enable_thinking=flag)
+        assert text.endswith("<|im_start|>assistant\n") and "<think>" not in text
+    full = thinking_tokenizer.apply_chat_template(msgs[:2], tokenize=False)
+    assert full.endswith("<|im_start|>assistant\n<think>\nr1\n</think>\n\nA1<|im_end|>\n")
+    split = thinking_tokenizer.apply_chat_template([msgs[0], {"role": "assistant", "content": "A1",
+                                                              "reasoning_content": "r1"}], tokenize=False)
+    assert split == full
+    # the tiny model is made with the thinking one (its tokenizer is what every stage loads)
+    assert common.load_tokenizer(tiny_model_dir).chat_template == common.chat_template("thinking")
+
+
+def test_bad_data_files_are_named(tmp_path):
+    cases = {"empty.jsonl": (b"", "holds no rows"),
+             "torn.jsonl": (b'{"problem": "a"}\n{"problem": \n', "line 2 is not valid JSON"),
+             "latin1.jsonl": ('{"problem": "caf\u00e9"}\n'.encode("latin-1"), "not UTF-8"),
+             "list.jsonl": (b'{"problem": "a"}\n[1, 2]\n', "line 2 is a JSON list"),
+             "mixed.jsonl": (b'{"a": 1}\n{"a": [1, 2]}\n', "one column layout")}
+    for name, (data, msg) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(common.InputError, match=msg) as e:
+            common.load_rows(str(path))
+        assert str(path) in str(e.value)
+    with pytest.raises(common.InputError, match="does not exist"):
+        common.load_rows(str(tmp_path / "missing.jsonl"))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "b", "answer": "2"}\n')
+    assert common.load_rows(str(good))["problem"] == ["a", "b"]
+
+
+def test_model_path_typos_are_named(tmp_path):
+    (tmp_path / "runs").mkdir()
+    for name in (str(tmp_path / "runs" / "fnal"), "./nope", "runs/sft/fnal"):
+        with pytest.raises(common.InputError, match="does not exist"):
+            common.load_model(name)
+        with pytest.raises(common.InputError, match="does not exist"):
+            common.load_tokenizer(name)
+    assert not common._looks_local("Qwen/Qwen3-4B-Thinking-2507")
+
+
+def test_cli_prints_input_errors_in_one_line(capsys):
+    def main(argv):
+        raise common.InputError("--data x.jsonl: line 3 is not valid JSON")
+    with pytest.raises(SystemExit) as e:
+        common.cli(main, [])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --data x.jsonl: line 3 is not valid JSON\n"
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        common.cli(lambda argv: {}["x"], [])
