@@ -36,6 +36,18 @@ def cli(main, argv=None):
         raise SystemExit(2) from None
 
 
+def exit_on_signals():
+    """SIGTERM (what Slurm sends before a job's end) and SIGINT end the process with status 128 + the
+    signal, for stages whose results are already on disk as they are produced (rc_decode, eval, judge)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
+
+
 # ---------------------------------------------------------------------------------------------
 # compute init and logging
 

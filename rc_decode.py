@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -1188,6 +1187,36 @@ def _drop_torn_tail(path):
             common.print0(f"{path}: dropped a torn last line (an interrupted write); it will be redone")
 
 
+# Flags that do not change what a trace holds: a rerun into the same --output may change them freely.
+RESUME_FREE = {"input", "output", "problem", "show_trace", "no_progress", "batch_size", "max_batch_size",
+               "concurrency", "timeout", "max_retries", "preset", "device", "cuda_graphs", "hf_impl"}
+
+
+def check_same_run(path, args):
+    """Refuse to append to `path` traces made with other settings (model, sampling, scaffold, budgets, ...):
+    the first trace in it records the arguments that made it. Raises InputError naming each differing flag."""
+    for r in common.read_jsonl(path):
+        old = r.get("args") or {}
+        new = vars(args)
+        diff = [f"--{k.replace('_', '-')} {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+                if k not in RESUME_FREE and old[k] != new.get(k)]
+        if diff:
+            raise common.InputError(f"--output {path} holds traces made with other settings ({'; '.join(diff)}); "
+                                    "rerun with those flags to continue it, or write to another --output")
+        return
+
+
+def open_output(path):
+    """Create --output's folder and check it is writable now, before any model loads or generates."""
+    try:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise common.InputError(f"--output {path}: cannot write there ({e.strerror}); choose a writable path") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.problem is not None:
@@ -1199,7 +1228,9 @@ def main(argv=None):
     err_path = None
     if args.output:
         err_path = os.path.splitext(args.output)[0] + ".errors.jsonl"
+        open_output(args.output)
         _drop_torn_tail(args.output)
+        check_same_run(args.output, args)
         done = {(r["id"], r["sample_index"]) for r in common.read_jsonl(args.output) if "id" in r}
     todo = [(pid, text, s) for pid, text in problems for s in range(args.samples) if (pid, s) not in done]
     common.print0(f"{len(problems)} problems x {args.samples} samples: {len(done)} done, {len(todo)} to run "
@@ -1236,7 +1267,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    common.exit_on_signals()  # finished traces are already on disk (fsync'd per batch)
+    common.cli(main)
