@@ -26,6 +26,7 @@ import time
 
 import common
 import judge as judge_lib
+import viewer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -128,6 +129,12 @@ def build_parser():
     p.add_argument("--judge-backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, jitter)")
     # ---- output
     p.add_argument("--out-dir", default="", help="results folder ('' = runs/eval/<model>-<benchmark>-<scaffold>)")
+    p.add_argument("--view", default="", metavar="RUN_DIR", help="only (re)write RUN_DIR/report.html, the trace "
+                   "viewer, from the files an eval.py run wrote there (no model, no judge)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="compare finished eval folders of one "
+                   "benchmark: compare.md (avg@n (std) per folder and subset, per-problem deltas vs the first), "
+                   "compare.png and report.html with the folders side by side, into --out-dir "
+                   "('' = runs/compare-<names>)")
     return p
 
 
@@ -454,6 +461,7 @@ def evaluate(args):
                     if not rec["error"]:
                         records.append(rec)
                 grade(records)
+                viewer.refresh(out, problems, breakdowns, grader)  # report.html of what is on disk so far
                 print(f"generated {min(c0 + args.chunk_size, len(todo_gen))}/{len(todo_gen)} "
                       f"({time.time() - t0:.0f}s)", flush=True)
         for f in futures:
@@ -477,6 +485,7 @@ def evaluate(args):
         json.dump(summary, f, indent=2, default=str)
     plot_scores(os.path.join(out, "scores.png"), summary, title)
     write_report(out, summary, vars(args), title)
+    viewer.refresh(out, problems, breakdowns, grader, announce=True)
     print(format_table(summary, title), flush=True)
     print(f"wrote {out}/report.md, summary.json, scores.png ({time.time() - t0:.0f}s)", flush=True)
     return summary
@@ -489,6 +498,8 @@ def evaluate(args):
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.view or args.compare:  # viewer.cli: no preset, no model
+        return args
     if args.preset == "tiny":
         given = build_parser()  # which flags were typed: the preset fills in only the others
         for a in given._actions:
@@ -511,6 +522,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.view or args.compare:
+        return viewer.cli(args)
     summary = evaluate(args)
     c = summary["counts"]
     if c["ungraded"] or c["missing"] or summary["generation_errors"]:

@@ -276,12 +276,16 @@ class CausalLMLoss(torch.nn.Module):
                                     targets, reduction="sum")  # hidden (1, T, H) -> (T, H)
 
 
-def build_model(args, device, world_size):
-    """(loss module, trainable params, compute dtype): fp32 master weights, bf16 compute on CUDA."""
+def build_model(args, device, world_size, lm=None):
+    """(loss module, trainable params, compute dtype): fp32 master weights, bf16 compute on CUDA.
+    `lm`: an already built fp32 causal LM to use instead of loading --model (bench/bench_sft.py's
+    random-weight Qwen3-4B)."""
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     compute_dtype = torch.bfloat16 if bf16 else torch.float32
     attn = args.attn_implementation
-    if args.load_in_4bit:  # QLoRA: from_pretrained quantizes the frozen base onto this GPU
+    if lm is not None:
+        lm = lm.to(device)
+    elif args.load_in_4bit:  # QLoRA: from_pretrained quantizes the frozen base onto this GPU
         if device.type != "cuda":
             raise ValueError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit); drop it on CPU")
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -508,6 +512,37 @@ def merge_lora(args, adapter_dir, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def make_autocast(device, world_size, compute_dtype):
+    """bf16 autocast over the fp32 master weights in one process; FSDP2 casts by itself (no-op context)."""
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if world_size == 1
+            and compute_dtype == torch.bfloat16 else contextlib.nullcontext())
+
+
+def train_step(model, opt, trainable, batches, total_tokens, device, world_size, autocast, grad_clip):
+    """One optimizer step over this rank's micro-batches (`batches`: lists of (ids, mask) examples, each
+    packed into one row): forward, backward, clipping, AdamW, zero_grad. The loss is divided by
+    `total_tokens`, the loss tokens of the whole global batch. Returns (summed CE of this rank's
+    micro-batches as a 0-dim float64 tensor, gradient norm before clipping)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
+        with autocast:
+            ce = model(*pack(batch, device))  # summed CE of this micro-batch
+        # FSDP averages gradients over ranks and each rank's CE is already over the global token
+        # count, so scale by the world size to get their sum (a divide factor of 1 needs PREMUL_SUM,
+        # which gloo lacks)
+        (ce * (world_size / total_tokens)).backward()
+        loss_sum += ce.detach()
+    gnorm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, gnorm
+
+
+# ---------------------------------------------------------------------------------------------
 # distributed helpers and throughput bookkeeping
 
 
@@ -588,8 +623,7 @@ def _train(args, rank, world_size, device, stop):
     print0(f"model {args.model}: {n_params / 1e6:.1f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
            f"trainable, compute {compute_dtype}, {world_size} process(es){' (FSDP2)' if world_size > 1 else ''}, "
            f"device {device}")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if world_size == 1
-                and compute_dtype == torch.bfloat16 else contextlib.nullcontext())  # FSDP2 casts by itself
+    autocast = make_autocast(device, world_size, compute_dtype)
 
     # ---- optimizer and schedule
     opt = build_optimizer(args, trainable)
@@ -655,21 +689,10 @@ def _train(args, rank, world_size, device, stop):
         lr = lr_of(step)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         mbs = micro_batches(rows, lengths, rank, world_size, args.micro_batch_size)
         assert len(mbs) == grad_accum
-        for mb in mbs:
-            with autocast:
-                ce = model(*pack([train_ex[i] for i in mb], device))  # summed CE of this micro-batch
-            # FSDP averages gradients over ranks and each rank's CE is already over the global token
-            # count, so scale by the world size to get their sum (a divide factor of 1 needs PREMUL_SUM,
-            # which gloo lacks)
-            (ce * (world_size / total_tokens)).backward()
-            loss_sum += ce.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
+                                     total_tokens, device, world_size, autocast, args.grad_clip)
         loss = all_sum(loss_sum, world_size, device) / total_tokens
         dt = time.time() - t0
         seq_lens = [lengths[i] for i in rows]
