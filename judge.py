@@ -1,4 +1,4 @@
-"""Grade proofs with an LLM judge on a 0-7 scale, and final answers with math-verify.
+"""Grade proofs with an LLM judge on a 0-7 scale, and final answers with an LLM judge or math-verify.
 
 A proof reward in QED-Nano comes from a judge that reads the problem, a marking scheme and the text
 after </think>, and answers with a score tag holding 0..7 (shared/RECIPE.md, "Stage 2"). This file
@@ -542,7 +542,11 @@ def grade_file(judge, input_path, output_path, *, progress=True):
         missing = [k for k in ("problem", "proof") if k not in r]
         if missing:
             raise ValueError(f"{input_path}: row {i + 1} has no {missing} field(s); each row needs "
-                             "'problem' and 'proof' (and 'rubric'/'reference' as the prompt requires)")
+                             "'problem' and 'proof' (and 'rubric'/'reference'/'answer' as the prompt requires)")
+        try:  # the fields the prompt needs, checked now and named by row (submit numbers items, not rows)
+            judge._job(i, r)
+        except ValueError as e:
+            raise common.InputError(f"{input_path}: row {i + 1}: {e}") from None
         items.append(r)
     grades = judge.grade(items, on_grade=record, progress=progress) if items else []
     final = {r["row"]: r for r in common.read_jsonl(output_path)}  # last line per row wins

@@ -477,6 +477,11 @@ def test_cli_strip_self_eval_flag(fake, tmp_path):
     assert "## Self Evaluation" in first and "Self Evaluation" not in second
     assert "correctness" in first  # the default prompt is rl_proof
     assert [r["score"] for r in common.read_jsonl(str(out))] == [6]
+    # the answer judge needs each row's gold answer: a row without one is named
+    inp.write_text(json.dumps(dict(item("a"), proof=THINKING_2507)) + "\n"
+                   + json.dumps({"problem": "[[b]] p", "proof": "</think>\\boxed{1}"}) + "\n")
+    with pytest.raises(ValueError, match=r"in.jsonl: row 1: .*prompt 'answerbench' uses \{answer\}"):
+        judge.main(base + ["--output", str(tmp_path / "out3.jsonl"), "--prompt", "answerbench"])
 
 
 # ---------------------------------------------------------------------------------------------
