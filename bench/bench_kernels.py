@@ -4,8 +4,16 @@ Every method computes logp_t = log softmax(h W^T)[y_t] for T tokens and back-pro
 weight (loss = sum_t w_t logp_t; the cross-entropy baselines use w = 1 via reduction="sum"), with
 H = 2560, V = 151936 (Qwen3-4B's lm head) in bf16 by default. One run measures every method side by
 side and prints one table: ms (median of --iters after --warmup, CUDA events), TFLOP/s counting
-6 T H V, extra GiB (peak memory beyond the inputs, gradients included) and the relative error of the
-method's logp against an fp32 reference (|logp - ref| / |ref| over all tokens).
+6 T H V, extra GiB and the relative error of the method's logp against an fp32 reference
+(|logp - ref| / |ref| over all tokens).
+
+Weights as training holds them (--weights master, the default): an fp32 master parameter W32, and each
+call casts it (W = W32.to(bf16), as sft.py and autocast do) and hands W to the method, whose weight
+gradient ends in W32.grad (fp32). --weights plain: a bf16 leaf weight, gradient bf16.
+extra GiB = peak memory during one forward + backward minus what any training step holds regardless:
+the inputs (hidden, targets, per-token weights), the weights (W32, and W, its bf16 copy, in master mode)
+and the gradients the step must produce (hidden's, in its dtype; the weight parameter's, in its dtype:
+fp32 for W32). What is left is the method's own working memory: logits chunks, accumulators, copies.
 
   # on a GPU (the table in bench/README.md):
   python bench/bench_kernels.py --out bench/kernels_table.md
@@ -57,27 +65,28 @@ def _weighted_logp(lp, ent, w):
     return w * lp, {}
 
 
-def build_method(name, h, W, y, w):
-    """(step, logp) closures for one method, or a string saying why it cannot run here."""
+def build_method(name, h, wf, y, w):
+    """(step, logp) closures for one method, or a string saying why it cannot run here.
+    wf() returns the weight the method is given: W32.to(bf16) (master mode) or the leaf itself."""
     if name == "ours-gif":
         def step():  # loss = sum_t w_t CE_t = -sum_t w_t logp_t, the SFT path (no entropy needed)
-            kernels.linear_cross_entropy(h, W, y, reduction="sum", token_weights=w).backward()
+            kernels.linear_cross_entropy(h, wf(), y, reduction="sum", token_weights=w).backward()
 
         def logp():
             with torch.no_grad():
-                return kernels.fused_linear_loss(h, W, y, _weighted_logp, {"w": w})[1]["logp"]
+                return kernels.fused_linear_loss(h, wf(), y, _weighted_logp, {"w": w})[1]["logp"]
         return step, logp
     if name == "ours-autograd":
         def step():
-            (kernels.linear_logprob(h, W, y) * w).sum().backward()
+            (kernels.linear_logprob(h, wf(), y) * w).sum().backward()
 
         def logp():
             with torch.no_grad():
-                return kernels.linear_logprob(h, W, y)
+                return kernels.linear_logprob(h, wf(), y)
         return step, logp
     if name == "eager":
         def eager_logp():
-            logits = (h @ W.t()).float()                                    # (T, V) fp32
+            logits = (h @ wf().t()).float()                                 # (T, V) fp32
             return torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)
 
         def step():
@@ -93,11 +102,11 @@ def build_method(name, h, W, y, w):
         opts = torch.nn.LinearCrossEntropyOptions()
 
         def step():
-            F.linear_cross_entropy(h, W, y, reduction="sum", options=opts).backward()
+            F.linear_cross_entropy(h, wf(), y, reduction="sum", options=opts).backward()
 
         def logp():
             with torch.no_grad():
-                return -_rows(lambda s: F.linear_cross_entropy(h[s], W, y[s], reduction="none"), h)
+                return -_rows(lambda s: F.linear_cross_entropy(h[s], wf(), y[s], reduction="none"), h)
         return step, logp
     if name == "liger":
         try:
@@ -112,11 +121,11 @@ def build_method(name, h, W, y, w):
         LABELS["liger"] = f"Liger fused linear CE {getattr(liger_kernel, '__version__', '')}".strip()
 
         def step():
-            loss_sum(W, h, y).backward()
+            loss_sum(wf(), h, y).backward()
 
         def logp():
             with torch.no_grad():
-                return -_rows(lambda s: loss_none(W, h[s], y[s]), h)
+                return -_rows(lambda s: loss_none(wf(), h[s], y[s]), h)
         return step, logp
     if name == "cce":
         try:
@@ -129,11 +138,11 @@ def build_method(name, h, W, y, w):
         LABELS["cce"] = f"Apple Cut Cross-Entropy {getattr(cut_cross_entropy, '__version__', '')}".strip()
 
         def step():
-            cce_lce(h, W, y, reduction="sum").backward()
+            cce_lce(h, wf(), y, reduction="sum").backward()
 
         def logp():
             with torch.no_grad():
-                return -_rows(lambda s: cce_lce(h[s], W, y[s], reduction="none"), h)
+                return -_rows(lambda s: cce_lce(h[s], wf(), y[s], reduction="none"), h)
         return step, logp
     raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
 
@@ -173,8 +182,10 @@ def _status_bytes(key):
     return None
 
 
-def measure(step, h, W, device, warmup, iters):
-    """(median ms, extra GiB) of step(); gradients are cleared before every call."""
+def measure(step, h, W, device, warmup, iters, required_bytes=0):
+    """(median ms, extra GiB) of step(); gradients are cleared before every call. extra = peak memory
+    of one step beyond what was allocated before it and `required_bytes` (what the step must create
+    regardless: the gradients of h and W, the bf16 copy of an fp32 master W)."""
     def run():
         h.grad = None
         W.grad = None
@@ -201,7 +212,7 @@ def measure(step, h, W, device, warmup, iters):
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+        extra = (torch.cuda.max_memory_allocated() - base - required_bytes) / 2**30
     else:
         times = []
         for _ in range(iters):
@@ -215,7 +226,7 @@ def measure(step, h, W, device, warmup, iters):
         base = _rss_reset()
         step()
         peak = _status_bytes("VmHWM") if base is not None else None
-        extra = (peak - base) / 2**30 if peak is not None else float("nan")
+        extra = (peak - base - required_bytes) / 2**30 if peak is not None else float("nan")
     h.grad = None
     W.grad = None
     return statistics.median(times), extra
@@ -225,20 +236,31 @@ def bench_one(t, args, device, dtype):
     g = torch.Generator().manual_seed(args.seed)
     h = torch.randn(t, args.H, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     W = (torch.randn(args.V, args.H, generator=g) * (3.0 / args.H ** 0.5)).to(device=device, dtype=dtype)
-    W.requires_grad_(True)                                  # logits ~ N(0, 9), like a trained lm head
+    # logits ~ N(0, 9), like a trained lm head
+    master = args.weights == "master" and dtype != torch.float32
+    if master:  # the fp32 master parameter (of bf16 values: both modes see one weight) and its cast
+        W = torch.nn.Parameter(W.float())
+        wf = lambda: W.to(dtype)  # noqa: E731
+    else:
+        W.requires_grad_(True)
+        wf = lambda: W  # noqa: E731
+    # what a training step holds regardless, beyond what exists before it: h.grad, W.grad (fp32 for
+    # a master parameter) and, in master mode, the bf16 copy of the weight
+    required = h.numel() * h.element_size() + W.numel() * W.element_size()
+    required += W.numel() * torch.finfo(dtype).bits // 8 if master else 0
     y = torch.randint(0, args.V, (t,), generator=g).to(device)
     w = torch.rand(t, generator=g).to(device)
-    ref = reference_logp(h, W, y)
+    ref = reference_logp(h, wf(), y)
     rows = []
     for name in args.methods:
-        built = build_method(name, h, W, y, w)
+        built = build_method(name, h, wf, y, w)
         if isinstance(built, str):
             rows.append((LABELS[name], t, built, "", "", ""))
             continue
         step, logp = built
         try:
             err = float((logp().float() - ref).norm() / ref.norm())
-            ms, extra = measure(step, h, W, device, args.warmup, args.iters)
+            ms, extra = measure(step, h, W, device, args.warmup, args.iters, required)
         except torch.cuda.OutOfMemoryError:
             h.grad = None
             W.grad = None
@@ -268,6 +290,9 @@ def main():
     p.add_argument("--V", type=int, default=151936, help="vocabulary size (Qwen3: 151936)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="input dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--weights", default="master", choices=["master", "plain"],
+                   help="master: an fp32 parameter cast to --dtype in every call, its gradient fp32 (how "
+                        "sft.py and rl.py train); plain: a --dtype leaf weight, its gradient in --dtype")
     # ---- run
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (cpu runs kernels/'s pure-PyTorch path)")
@@ -302,11 +327,17 @@ def main():
     header = (f"{where}, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
               f"H={args.H}, V={args.V}, {str(dtype).replace('torch.', '')}, "
               f"median of {args.iters} after {args.warmup} warmup")
+    weights = ("an fp32 master parameter cast to the input dtype in each call (its gradient fp32)"
+               if args.weights == "master" and dtype != torch.float32 else "a leaf weight of the input dtype")
+    caption = (f"Weights: {weights}. extra GiB = peak memory of one forward + backward beyond what any "
+               "training step holds regardless: the inputs, the weights (and the weight's compute-dtype "
+               "copy) and their gradients (hidden's; the weight parameter's, fp32 for a master weight)"
+               + ("; on CPU: growth of the peak RSS" if device.type != "cuda" else "") + ".")
     print(header, file=sys.stderr)
     rows = []
     for t in args.T:
         rows += bench_one(t, args, device, dtype)
-    lines = [f"{header}", "",
+    lines = [f"{header}", "", caption, "",
              "| method | T | ms | TFLOP/s (6THV) | extra GiB | rel. err. logp vs fp32 |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {t:,} | {ms} | {tf} | {gib} | {err} |" for m, t, ms, tf, gib, err in rows]
