@@ -690,6 +690,32 @@ def test_cuda_long_inputs_and_no_sync():
 
 
 @pytest.mark.cuda
+def test_cuda_master_grad_real_shapes(monkeypatch):
+    # sft.py's setup: an fp32 master lm head cast to bf16 in each call. Its gradient lands in
+    # master.grad (fp32), and the call holds no (V, H) buffer beyond it: at 32k tokens the memory beyond
+    # the inputs, the weights (fp32 master, bf16 copy) and their gradients is <= 1.0 GiB (KERNELS.md).
+    n = 32768
+    hidden, weight, targets = real_inputs(n, seed=3)
+    master = torch.nn.Parameter(weight.detach().float())
+    del weight
+    kernels.linear_cross_entropy(hidden, master.to(torch.bfloat16), targets, reduction="sum").backward()
+    hidden.grad = master.grad = None                           # warm-up (Triton compiles), then measure
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kernels.linear_cross_entropy(hidden, master.to(torch.bfloat16), targets, reduction="sum").backward()
+    torch.cuda.synchronize()
+    required = hidden.numel() * 2 + master.numel() * (4 + 2)  # hidden.grad; master.grad; the bf16 cast
+    extra = (torch.cuda.max_memory_allocated() - base - required) / 2**30
+    assert master.grad.dtype == torch.float32 and extra <= 1.0, f"extra {extra:.2f} GiB"
+    new = master.grad
+    hidden.grad = master.grad = None
+    monkeypatch.setattr(utils, "MASTER_GRAD", "off")           # the old path, through the cast
+    kernels.linear_cross_entropy(hidden, master.to(torch.bfloat16), targets, reduction="sum").backward()
+    assert rel(new, master.grad) < 4e-3                        # the old path's bf16 rounding only
+
+
+@pytest.mark.cuda
 def test_cuda_advantages():
     check_group_advantages("cuda")
     check_broadcast("cuda")
