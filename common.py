@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 
 import numpy as np
@@ -27,8 +28,6 @@ class InputError(ValueError):
 def cli(main, argv=None):
     """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
     without a traceback and exits with status 2; anything else propagates with its traceback."""
-    import sys
-
     try:
         return main(argv) if argv is not None else main()
     except InputError as e:
@@ -46,6 +45,28 @@ def exit_on_signals():
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, stop)
+
+
+def check_kernels_clash():
+    """Hugging Face's PyPI package `kernels` (hub kernels for transformers) has the import name of our
+    kernels/ folder, which shadows it whenever a stage runs from the repo root: transformers then fails at
+    model construction with an ImportError from inside itself. Stop first, naming the fix."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    try:  # transformers imports it only in the version range it supports
+        from transformers.utils.import_utils import is_kernels_available
+        used = is_kernels_available()
+    except ImportError:
+        used = True
+    if used:
+        raise InputError(f"the PyPI package `kernels` {version} (Hugging Face hub kernels) is installed, and this "
+                         "repo's kernels/ folder shadows it, so transformers would fail inside model construction: "
+                         "`pip uninstall kernels` (use --attn-implementation flash_attention_2 or sdpa instead of "
+                         "a hub kernel)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,3 +388,14 @@ def retry_delay(attempt, base, cap, retry_after=None, retry_after_max=float("inf
     jitter in [half, full], and never less than the server's Retry-After (itself capped)."""
     delay = min(cap, base * 2 ** attempt) * random.uniform(0.5, 1.0)
     return delay if retry_after is None else max(delay, min(retry_after, retry_after_max))
+
+
+# At import: every stage imports common before transformers builds a model. A stage's command line
+# prints the error as one line (exit 2); an importer gets the InputError.
+try:
+    check_kernels_clash()
+except InputError as _e:
+    if os.path.basename(sys.argv[0] if sys.argv else "") in ("sft.py", "rl.py", "rc_decode.py", "judge.py", "eval.py"):
+        print(f"error: {_e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    raise

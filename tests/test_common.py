@@ -106,3 +106,24 @@ def test_cli_prints_input_errors_in_one_line(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "error: --data x.jsonl: line 3 is not valid JSON\n"
     with pytest.raises(KeyError):  # a bug keeps its traceback
         common.cli(lambda argv: {}["x"], [])
+
+
+def test_hub_kernels_package_clash_is_named(tmp_path):
+    """With Hugging Face's PyPI `kernels` installed (in the version range transformers uses), our kernels/
+    folder shadows it and transformers would die inside model construction: every stage stops first."""
+    import os
+    import subprocess
+    import sys
+
+    dist = tmp_path / "kernels-0.18.5.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.5\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    p = subprocess.run([sys.executable, "sft.py", "--preset", "tiny"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "pip uninstall kernels" in p.stderr
+    p = subprocess.run([sys.executable, "-c", "import common"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1 and "InputError" in p.stderr  # the Python API: a ValueError subclass
