@@ -1,15 +1,22 @@
 """Evaluate a model on IMO-ProofBench, ProofBench or IMO-AnswerBench: generate with rc_decode
 (direct, the reasoning cache, or verify-and-refine), grade with judge.py, and print the paper's
-table: score in percent as avg@n with the std of the n run means in parentheses, plus breakdowns.
+table: score in percent as avg@n with the sample std of the n run means in parentheses, plus breakdowns.
 
     python eval.py --model lm-provers/QED-Nano --benchmark imo-proofbench --n 3
     python eval.py --model lm-provers/QED-Nano --benchmark proofbench --n 3 --scaffold direct
     python eval.py --model lm-provers/QED-Nano --benchmark imo-answerbench --n 3
     python eval.py --model ./ckpt --benchmark mine.jsonl --columns "problem=Question,rubric=Scheme" --grader marking_scheme
-    python eval.py --preset tiny      # offline on CPU: tiny Qwen3, data/tiny_eval.jsonl, final-answer grader
+    python eval.py --model lm-provers/QED-Nano --benchmark imo-proofbench --temperature 0.6 --top-p 0.95  # model card
+    python eval.py --preset tiny      # offline on CPU: tiny Qwen3, data/tiny_eval.jsonl, math-verify grader
 
-Proof benchmarks need a judge (default: Gemini 3 Pro through its OpenAI-compatible endpoint, key in
-$JUDGE_API_KEY; any `vllm serve` judge works with --judge-base-url/--judge-model). Everything goes to
+The defaults are the released eval's (github CMU-AIRe/QED-Nano, eval/): temperature 0.8, top_p 1, no
+top-k, up to 229,376 new tokens per call (a cap: the hf/vllm engines clamp it to what the context
+leaves after the prompt); rc summaries by the model itself, thinking, with the same sampling and
+budget, none after the last turn; the self-evaluation section is cut before grading; avg@n's std is
+the sample std (ddof=1) of the run means. Every benchmark is judge-graded (IMO-AnswerBench too: an
+LLM compares the last \\boxed{} with the gold answer; --grader answer = math-verify, offline); the
+default judge is Gemini 3 Pro through its OpenAI-compatible endpoint, key in $JUDGE_API_KEY; any
+`vllm serve` judge works with --judge-base-url/--judge-model. Everything goes to
 --out-dir, line by line as it is produced: generations.jsonl, grades.jsonl (with the judge's full
 reply), summary.json, report.md, scores.png, args.json, judge_cache.sqlite. Rerunning the same
 command resumes: finished samples are not regenerated and graded ones are not re-graded (a grade
@@ -32,35 +39,51 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---------------------------------------------------------------------------------------------
 # benchmarks: where they live, how they are graded, and which column holds each field.
-# The hub datasets' exact column names are not pinned here (no network when this was written):
-# each field lists candidate names, the first present wins, --columns field=Column overrides.
+# Each field lists candidate column names, the first present wins, --columns field=Column overrides.
+# The hub datasets' real columns come first (shared/RECIPE.md, "Evaluation"): IMO-ProofBench has
+# question_id (PB-Basic-001: the basic/advanced set is only in the id), problem, solution,
+# grading_guidelines, category, level, source, answer; ProofBench problem_id, problem, solution,
+# grading_scheme; IMO-AnswerBench problem, answer. The rest are other layouts' names (Google's
+# original IMO-Bench files: "Problem ID", "Problem", "Short Answer", ...; data/tiny_eval.jsonl).
 
 CANDIDATES = {
-    "id": ["Problem ID", "problem_id", "id", "problem_idx", "uid"],
-    "problem": ["Problem", "problem", "question", "statement"],
-    "answer": ["Short Answer", "short_answer", "answer", "final_answer"],
-    "rubric": ["Grading guidelines", "grading_guidelines", "marking_scheme", "Marking scheme", "rubric", "rubrics",
-               "grading_scheme", "guidelines"],
-    "reference": ["Solution", "solution", "reference_solution", "reference", "proof"],
+    "id": ["question_id", "problem_id", "Problem ID", "id", "problem_idx", "uid"],
+    "problem": ["problem", "Problem", "question", "statement"],
+    "answer": ["answer", "Short Answer", "short_answer", "final_answer"],
+    "rubric": ["grading_guidelines", "grading_scheme", "Grading guidelines", "marking_scheme", "Marking scheme",
+               "rubric", "rubrics", "guidelines"],
+    "reference": ["solution", "Solution", "reference_solution", "reference", "proof"],
     "set": ["set", "subset", "Set", "split"],
-    "level": ["Level", "level", "difficulty"],
-    "category": ["Category", "category", "competition"],
-    "subcategory": ["Subcategory", "subcategory"],
+    "level": ["level", "Level", "difficulty"],
+    "category": ["category", "Category", "competition"],
+    "subcategory": ["subcategory", "Subcategory"],
 }
+# task_prompt: the prompts/<name>.txt that turns a problem into the model's task (the released run
+# scripts: the proof prompt for the proof benchmarks, "reason step by step, \boxed{}" for answers).
 BENCHMARKS = {
     # 60 problems; "set" (basic/advanced) comes from a column or else from the id (PB-Basic-001)
-    "imo-proofbench": dict(source="lm-provers/IMOProofBench", grader="imo_proofbench",
+    "imo-proofbench": dict(source="lm-provers/IMOProofBench", grader="imo_proofbench", task_prompt="direct_proof",
                            fields=["id", "problem", "reference", "rubric", "set", "level", "category"],
                            breakdowns=["set", "category"]),
-    # 145 problems with expert marking schemes, strict marking-scheme grader, no reference
-    "proofbench": dict(source="lm-provers/ProofBench", grader="marking_scheme",
+    # 145 problems with expert marking schemes; the judge gets the scheme, no reference, and credits a
+    # different valid approach mapped onto the scheme's checkpoints
+    "proofbench": dict(source="lm-provers/ProofBench", grader="proofbench", task_prompt="direct_proof",
                        fields=["id", "problem", "rubric", "category"], breakdowns=["category"]),
-    # 400 short-answer problems, last \boxed{} vs the answer with math-verify
-    "imo-answerbench": dict(source="lm-provers/IMOBench-FinalAnswer", grader="answer",
+    # 400 short-answer problems: an LLM judge compares the last \boxed{} with the gold answer
+    # (--grader answer: math-verify, offline)
+    "imo-answerbench": dict(source="lm-provers/IMOBench-FinalAnswer", grader="answerbench", task_prompt="answerbench",
                             fields=["id", "problem", "answer", "category", "subcategory"], breakdowns=["category"]),
 }
-REQUIRED = {"answer": ["problem", "answer"], "marking_scheme": ["problem", "rubric"],
-            "imo_proofbench": ["problem", "rubric", "reference"]}
+ANSWER_GRADERS = ("answer", "answerbench")  # math-verify, the LLM answer judge: both need an answer column
+
+
+def required_fields(grader):
+    """The benchmark fields a grader needs: math-verify the problem and its answer; a judge prompt the
+    fields its template uses (problem, rubric, reference, answer)."""
+    if grader == "answer":
+        return ["problem", "answer"]
+    return ["problem"] + [f for f in judge_lib.template_fields(judge_lib.load_prompt(grader))
+                          if f not in ("problem", "proof")]
 TINY_DATA = os.path.join(HERE, "data", "tiny_eval.jsonl")
 
 
@@ -90,19 +113,30 @@ def build_parser():
                    help="rc = reasoning cache (the paper's QED-Nano eval), direct = one proof, verify-refine = "
                         "DeepSeek-Math-V2-style self-verification")
     p.add_argument("--n", type=int, default=3, help="samples per problem = independent runs for avg@n")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (model card: 0.6)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k (0 = off)")
-    p.add_argument("--max-tokens", type=int, default=-1, help="new tokens per completion; rc: per reasoning turn "
-                   "(-1 = direct 229376, rc 49152, verify-refine 49152)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (the released run "
+                   "scripts: 0.8; the model card's recommendation is --temperature 0.6 --top-p 0.95)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off, as the released run scripts)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k (0 = off, as the released run scripts)")
+    p.add_argument("--max-tokens", type=int, default=-1, help="new tokens per call: a direct proof, each rc "
+                   "reasoning turn, each verify-refine proof/refinement (-1 = 229376, the released run scripts' "
+                   "budget for every call). A cap: the hf and vllm engines clamp each request to what the "
+                   "model's context leaves after its prompt (a prompt that leaves no room is that sample's error)")
     p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--summary-tokens", type=int, default=2048, help="rc: summary budget H_S in tokens")
-    p.add_argument("--summary-temperature", type=float, default=0.7, help="rc: summarizer temperature")
-    p.add_argument("--summarizer-model", default="", help="rc: separate summarizer ('' = the model itself)")
-    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: candidate proofs per round")
+    p.add_argument("--summary-tokens", type=int, default=-1, help="rc: summary budget in tokens (-1 = --max-tokens: "
+                   "the released eval's summarizer is the model itself, thinking, with the turns' budget)")
+    p.add_argument("--summary-temperature", type=float, default=-1.0, help="rc: summarizer temperature (-1 = "
+                   "--temperature; the summarizer also uses --top-p/--top-k)")
+    p.add_argument("--summarizer-model", default="", help="rc: separate summarizer ('' = the model itself, as the "
+                   "released eval); set --summary-tokens/--summary-temperature for it")
+    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs in the pool, and proofs refined "
+                   "per iteration")
     p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
-    p.add_argument("--rounds", type=int, default=2, help="verify-refine: refinement rounds")
-    p.add_argument("--verify-tokens", type=int, default=16384, help="verify-refine: budget per verification")
+    p.add_argument("--rounds", type=int, default=2, help="verify-refine: refinement iterations")
+    p.add_argument("--verify-tokens", type=int, default=-1, help="verify-refine: budget per verification "
+                   "(-1 = --max-tokens, as the released agent)")
+    p.add_argument("--task-prompt", default="", help="prompts/<name>.txt that turns a problem into the model's "
+                   "task ('' = the benchmark's own: answerbench for IMO-AnswerBench and answer-graded files, "
+                   "direct_proof otherwise); direct and rc scaffolds")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (-1 = unseeded)")
     p.add_argument("--chunk-size", type=int, default=64, help="completions per generate call (saved after each)")
     # ---- benchmark
@@ -112,8 +146,9 @@ def build_parser():
     p.add_argument("--split", default="train", help="dataset split")
     p.add_argument("--config", default="", help="dataset config ('' = default)")
     p.add_argument("--limit", type=int, default=-1, help="first N problems only (-1 = all)")
-    p.add_argument("--grader", default="", help="answer | marking_scheme | imo_proofbench | a judge prompt .txt "
-                   "('' = the benchmark's own)")
+    p.add_argument("--grader", default="", help="answer (math-verify, offline) | answerbench (LLM answer judge) | "
+                   "imo_proofbench | proofbench | marking_scheme | rl_proof | a judge prompt .txt ('' = the "
+                   "benchmark's own: imo_proofbench, proofbench, answerbench)")
     p.add_argument("--allow-no-think", action="store_true", help="grade the whole text of completions that "
                    "have no </think> (non-thinking models) instead of scoring them 0 as truncated")
     # ---- judge (proof benchmarks)
@@ -180,7 +215,9 @@ def resolve_columns(names, fields, explicit, required, source):
 
 def load_benchmark(benchmark, *, columns="", grader="", split="train", config=None, limit=-1):
     """(problems, grader, breakdowns, source, mapping): problems are dicts with the canonical fields
-    (id, problem, answer, rubric, reference, set, level, category, subcategory)."""
+    (id, problem, answer, rubric, reference, set, level, category, subcategory). A local file's grader,
+    unless given: answerbench (the LLM answer judge) when it has answers and no rubric, imo_proofbench
+    with a reference and a rubric, else marking_scheme."""
     spec = BENCHMARKS.get(benchmark)
     source = spec["source"] if spec else benchmark
     if spec is None and not os.path.exists(benchmark):
@@ -193,10 +230,14 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
     fields = fields + [f for f in explicit if f not in fields]
     probe = resolve_columns(names, fields, explicit, ["problem"], source)
     if not grader:  # a local file: answer-style if it has answers, else judge-graded
-        grader = spec["grader"] if spec else ("answer" if "answer" in probe and "rubric" not in probe else
+        grader = spec["grader"] if spec else ("answerbench" if "answer" in probe and "rubric" not in probe else
                                               "imo_proofbench" if "reference" in probe and "rubric" in probe else
                                               "marking_scheme")
-    mapping = resolve_columns(names, fields, explicit, REQUIRED.get(grader, ["problem", "rubric"]), source)
+    try:
+        required = required_fields(grader)
+    except ValueError as e:
+        raise common.InputError(f"--grader {grader!r}: {e}") from None
+    mapping = resolve_columns(names, fields, explicit, required, source)
     problems, seen = [], set()
     for i, row in enumerate(ds):
         p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
@@ -205,7 +246,7 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
             raise ValueError(f"{source}: row {i}: duplicate id {p['id']!r}; "
                              "map a unique id column with --columns id=...")
         seen.add(p["id"])
-        for f in REQUIRED.get(grader, ["problem", "rubric"]):
+        for f in required:
             if not (p.get(f) or "").strip():
                 raise ValueError(f"{source}: row {i} (id {p['id']!r}) has an empty {f!r} (column {mapping[f]!r})")
         if benchmark == "imo-proofbench" and not p.get("set"):
@@ -219,7 +260,7 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
 
 
 # ---------------------------------------------------------------------------------------------
-# scores: avg@n with the std of the n run means
+# scores: avg@n with the sample std of the n run means
 
 
 def _mean(xs):
@@ -229,7 +270,8 @@ def _mean(xs):
 def avg_at_n(scores_by_problem, n):
     """scores_by_problem: {id: {sample_index: score 0..7}} (a parse failure already counted 0; an
     ungraded sample is absent). Run k's mean is the mean over problems of score/7 in percent;
-    returns (mean of the run means, population std of the run means (ddof=0), run means)."""
+    returns (mean of the run means, their sample std (ddof=1, as the released eval/scripts/stats.py;
+    nan with a single run), run means)."""
     runs = []
     for k in range(n):
         vals = [100.0 * s[k] / 7.0 for s in scores_by_problem.values() if k in s]
@@ -238,7 +280,9 @@ def avg_at_n(scores_by_problem, n):
     if not runs:
         return float("nan"), float("nan"), []
     mu = _mean(runs)
-    return mu, math.sqrt(_mean([(r - mu) ** 2 for r in runs])), runs
+    if len(runs) < 2:
+        return mu, float("nan"), runs
+    return mu, math.sqrt(sum((r - mu) ** 2 for r in runs) / (len(runs) - 1)), runs
 
 
 def summarize(problems, grades, n, breakdowns):
@@ -280,7 +324,8 @@ def format_table(summary, title=""):
     n = summary["n"]
     lines = [f"| subset | problems | avg@{n} (std) | run means |", "|---|---|---|---|"]
     for r in summary["table"]:
-        cell = "-" if math.isnan(r["avg"]) else f"{r['avg']:.1f} ({r['std']:.1f})"
+        sd = "-" if math.isnan(r["std"]) else f"{r['std']:.1f}"  # one run: no spread to report
+        cell = "-" if math.isnan(r["avg"]) else f"{r['avg']:.1f} ({sd})"
         lines.append(f"| {r['subset']} | {r['problems']} | {cell} | {', '.join(f'{x:.1f}' for x in r['runs'])} |")
     c = summary["counts"]
     foot = (f"graded {c['graded']}, parse failures {c['parse_failed']} (counted 0), truncated {c['truncated']} "
@@ -329,8 +374,11 @@ def write_report(out_dir, summary, args, title):
 # generation (rc_decode) and grading (judge.py), both written line by line as they finish
 
 RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "grader", "scaffold", "temperature", "top_p",
-               "top_k", "max_tokens", "turns", "summary_tokens", "summarizer_model", "judge_model", "allow_no_think"]
-DEFAULT_MAX_TOKENS = {"direct": 229376, "rc": 49152, "verify-refine": 49152}
+               "top_k", "max_tokens", "turns", "summary_tokens", "summary_temperature", "summarizer_model",
+               "verify_tokens", "task_prompt", "judge_model", "allow_no_think"]
+# New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
+# max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
+DEFAULT_MAX_TOKENS = 229376
 
 
 def make_engine(args, model):
@@ -354,11 +402,13 @@ def run_scaffold(args, engines, problems, first_seed):
     seed = None if args.seed < 0 else first_seed
     s = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, seed)
     if args.scaffold == "direct":
-        return run_direct(problems, engines["model"], s)
+        return run_direct(problems, engines["model"], s, task_prompt=args.task_prompt)
     if args.scaffold == "rc":
+        # the summarizer thinks (its summary is what follows its </think>); no summary after the last turn
         summ = Sampling(args.summary_tokens, args.summary_temperature, args.top_p, args.top_k, seed)
         return run_rc(problems, engines["model"], summarizer=engines.get("summarizer"), turns=args.turns,
-                      reason_sampling=s, summary_sampling=summ)
+                      reason_sampling=s, summary_sampling=summ, summary_thinking=True, final_summary=False,
+                      task_prompt=args.task_prompt)
     return run_verify_refine(problems, engines["model"], proof_sampling=s, n_proofs=args.n_proofs,
                              n_verify=args.n_verify, rounds=args.rounds,
                              verify_sampling=Sampling(args.verify_tokens, args.temperature, args.top_p, args.top_k,
@@ -366,8 +416,9 @@ def run_scaffold(args, engines, problems, first_seed):
 
 
 def answer_grade(text, reference, allow_no_think):
-    """Final-answer grading as a grade record: 7 if the last \\boxed{} matches, else 0."""
-    proof = judge_lib.prepare_proof(text, require_think=not allow_no_think)
+    """Final-answer grading with math-verify (--grader answer) as a grade record: 7 if the last \\boxed{}
+    of the text after </think>, its self-evaluation section cut, matches the reference, else 0."""
+    proof = judge_lib.prepare_proof(text, require_think=not allow_no_think, strip_self_eval=True)
     if proof is None:
         return judge_lib.Grade(0, 0.0, truncated=True, note="no </think> (truncated): scored 0").to_dict()
     box = judge_lib.last_boxed(proof)
@@ -383,6 +434,14 @@ def evaluate(args):
     problems, grader, breakdowns, source, mapping = load_benchmark(
         args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
         limit=args.limit)
+    if not args.task_prompt:
+        spec = BENCHMARKS.get(args.benchmark)
+        args.task_prompt = spec["task_prompt"] if spec else "answerbench" if grader in ANSWER_GRADERS else "direct_proof"
+    import rc_decode
+    try:  # a missing or malformed task prompt fails now, not after the model has loaded
+        rc_decode.task_text("problem", args.task_prompt)
+    except ValueError as e:
+        raise common.InputError(f"--task-prompt {args.task_prompt!r}: {e}") from None
     args_path = os.path.join(out, "args.json")
     if os.path.exists(args_path) and os.path.exists(os.path.join(out, "generations.jsonl")):
         with open(args_path) as f:
@@ -416,7 +475,7 @@ def evaluate(args):
                                 max_retries=args.judge_max_retries, backoff_base=args.judge_backoff,
                                 reasoning_effort=args.judge_reasoning_effort or None,
                                 max_tokens=args.judge_max_tokens if args.judge_max_tokens > 0 else None,
-                                require_think=not args.allow_no_think)
+                                require_think=not args.allow_no_think, strip_self_eval=True)  # as released eval
         bar = tqdm(total=0, desc="judge", position=1, dynamic_ncols=True)
 
     def grade(records):
@@ -429,8 +488,9 @@ def evaluate(args):
                 common.append_jsonl(grade_path, {**k, **answer_grade(r["final_completion"], by_id[r["id"]]["answer"],
                                                                      args.allow_no_think)})
             return
-        items = [dict(problem=by_id[r["id"]]["problem"], proof=r["final_completion"],
-                      rubric=by_id[r["id"]].get("rubric"), reference=by_id[r["id"]].get("reference")) for r in records]
+        items = [dict(problem=by_id[r["id"]]["problem"], proof=r["final_completion"], rubric=by_id[r["id"]].get("rubric"),
+                      reference=by_id[r["id"]].get("reference"), answer=by_id[r["id"]].get("answer"))
+                 for r in records]
 
         def on_grade(i, g):
             common.append_jsonl(grade_path, {**keys[i], **g.to_dict()})
@@ -510,8 +570,15 @@ def parse_args(argv=None):
                 setattr(args, k, v)
         if not args.model:
             args.model = common.make_tiny_model()
+    # -1 sentinels resolve here, so args.json records (and a resume compares) the values really used
     if args.max_tokens < 0:
-        args.max_tokens = DEFAULT_MAX_TOKENS[args.scaffold]
+        args.max_tokens = DEFAULT_MAX_TOKENS
+    if args.summary_tokens < 0:
+        args.summary_tokens = args.max_tokens
+    if args.summary_temperature < 0:
+        args.summary_temperature = args.temperature
+    if args.verify_tokens < 0:
+        args.verify_tokens = args.max_tokens
     if not args.out_dir:
         name = lambda s: re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(s)) or s)  # noqa: E731
         args.out_dir = os.path.join("runs", "eval", f"{name(args.model)}-{name(args.benchmark)}-{args.scaffold}")

@@ -8,6 +8,7 @@ resume of a judge-graded run against the local fake judge server (tests/test_jud
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -32,15 +33,19 @@ def test_avg_at_n_hand_built():
     # run means over graded problems, in percent: run0 (7+0+7)/21, run1 (0+0+7)/21, run2 (7+7+0)/21
     assert rows["all"]["runs"] == pytest.approx([200 / 3, 100 / 3, 200 / 3])
     assert rows["all"]["avg"] == pytest.approx(500 / 9)
-    assert rows["all"]["std"] == pytest.approx(math.sqrt(((100 / 9) ** 2 * 2 + (200 / 9) ** 2) / 3))  # ddof=0
-    assert rows["set=basic"]["runs"] == pytest.approx([50, 0, 100]) and rows["set=basic"]["std"] == pytest.approx(
-        math.sqrt(5000 / 3))
+    # the sample std of the run means (ddof=1), as the released eval/scripts/stats.py
+    assert rows["all"]["std"] == pytest.approx(math.sqrt(((100 / 9) ** 2 * 2 + (200 / 9) ** 2) / 2))
+    assert rows["set=basic"]["runs"] == pytest.approx([50, 0, 100]) and rows["set=basic"]["std"] == pytest.approx(50)
     assert rows["set=advanced"]["runs"] == pytest.approx([100, 100, 0])
     assert s["counts"] == dict(graded=9, ungraded=1, parse_failed=1, truncated=1, missing=2)
     assert s["per_problem"]["c"] == dict(mean=pytest.approx(14 / 3), scores=[7, 7, 0])
     table = ev.format_table(s)
-    assert "| all | 4 | 55.6 (15.7) | 66.7, 33.3, 66.7 |" in table
-    assert "| set=basic | 2 | 50.0 (40.8) |" in table
+    assert "| all | 4 | 55.6 (19.2) | 66.7, 33.3, 66.7 |" in table
+    assert "| set=basic | 2 | 50.0 (50.0) |" in table
+    # one run has no spread: std nan, shown as "-", no crash
+    s1 = ev.summarize(problems, grades, 1, ["set"])
+    assert s1["table"][0]["runs"] == pytest.approx([200 / 3]) and math.isnan(s1["table"][0]["std"])
+    assert "| all | 4 | 66.7 (-) | 66.7 |" in ev.format_table(s1)
 
 
 def test_columns_and_errors(tmp_path):
@@ -58,13 +63,93 @@ def test_columns_and_errors(tmp_path):
     probs, grader, _, _, mapping = ev.load_benchmark(str(path), columns="id=qid, problem=Question,rubric='Scheme'")
     assert grader == "marking_scheme" and mapping == {"id": "qid", "problem": "Question", "rubric": "Scheme"}
     assert [p["id"] for p in probs] == ["q0", "q1", "q2"] and probs[1]["problem"] == "Prove 1 = 1."
-    # the bundled IMO-AnswerBench layout is recognised without any --columns
+    # the bundled file (Google's IMO-AnswerBench layout) is recognised without any --columns; an answer
+    # file is judge-graded like IMO-AnswerBench unless --grader answer (math-verify) is asked for
     probs, grader, _, _, mapping = ev.load_benchmark(ev.TINY_DATA, limit=4)
-    assert grader == "answer" and mapping["answer"] == "Short Answer" and len(probs) == 4
+    assert grader == "answerbench" and mapping["answer"] == "Short Answer" and len(probs) == 4
+    assert ev.load_benchmark(ev.TINY_DATA, grader="answer")[1] == "answer"
+    with pytest.raises(ValueError, match="--grader 'no_such_judge'.*known prompts"):
+        ev.load_benchmark(ev.TINY_DATA, grader="no_such_judge")
+    with pytest.raises(ValueError, match="--task-prompt 'nope'.*not found"):  # before any model is loaded
+        ev.main(["--benchmark", ev.TINY_DATA, "--grader", "answer", "--task-prompt", "nope", "--model", "no-model",
+                 "--out-dir", str(tmp_path / "x")])
     # answer grading of one completion: the last \boxed{} after </think>
     assert ev.answer_grade("<think>5</think> so \\boxed{5}", "5", False)["score"] == 7
     assert ev.answer_grade("<think>5</think> so \\boxed{6}", "5", False)["score"] == 0
     assert ev.answer_grade("\\boxed{5} but no think end", "5", False)["truncated"]
+    # eval cuts the self-evaluation section before grading: its box is not the answer
+    assert ev.answer_grade("5\n</think>\n\\boxed{5}\n\n## Self Evaluation\nSure. \\boxed{1}", "5", False)["score"] == 7
+
+
+# The hub datasets' real columns (shared/RECIPE.md, "Evaluation"), a few rows each
+HUB_ROWS = {
+    "lm-provers/IMOProofBench": [
+        dict(question_id=f"PB-{s}-{i:03d}", problem=f"Prove fact {s}{i}.", solution="A proof.",
+             grading_guidelines="7 for a proof.", category="Algebra" if i % 2 else "Number theory",
+             level="IMO-easy", source="x", answer="") for s in ("Basic", "Advanced") for i in (1, 2)],
+    "lm-provers/ProofBench": [
+        dict(problem_id=f"pb{i}", problem=f"Prove {i}.", solution="Ref.", grading_scheme="Checkpoint 1: 7")
+        for i in range(3)],
+    "lm-provers/IMOBench-FinalAnswer": [dict(problem=f"Compute {i} + 1.", answer=str(i + 1)) for i in range(3)],
+}
+
+
+def test_hub_columns(monkeypatch):
+    import datasets
+
+    def load_rows(source, *, split="train", config=None):
+        return datasets.Dataset.from_list(HUB_ROWS[source])
+    monkeypatch.setattr(common, "load_rows", load_rows)
+    probs, grader, breakdowns, _, mapping = ev.load_benchmark("imo-proofbench")
+    assert grader == "imo_proofbench" and mapping == dict(id="question_id", problem="problem", reference="solution",
+                                                          rubric="grading_guidelines", level="level",
+                                                          category="category")
+    # the basic/advanced set comes back from ids like PB-Basic-001, and so does its breakdown
+    assert [(p["id"], p["set"]) for p in probs] == [("PB-Basic-001", "basic"), ("PB-Basic-002", "basic"),
+                                                    ("PB-Advanced-001", "advanced"), ("PB-Advanced-002", "advanced")]
+    grades = [dict(id=p["id"], sample=0, score=7 if p["set"] == "basic" else 0, error=None) for p in probs]
+    table = {r["subset"]: r["avg"] for r in ev.summarize(probs, grades, 1, breakdowns)["table"]}
+    assert table["set=basic"] == 100 and table["set=advanced"] == 0 and table["all"] == 50
+    probs, grader, _, _, mapping = ev.load_benchmark("proofbench")
+    assert grader == "proofbench" and mapping == dict(id="problem_id", problem="problem", rubric="grading_scheme")
+    assert [p["id"] for p in probs] == ["pb0", "pb1", "pb2"] and probs[0]["rubric"] == "Checkpoint 1: 7"
+    probs, grader, _, _, mapping = ev.load_benchmark("imo-answerbench")
+    assert grader == "answerbench" and mapping == dict(problem="problem", answer="answer")
+    assert probs[2] == dict(id="row-2", problem="Compute 2 + 1.", answer="3")
+    monkeypatch.setitem(HUB_ROWS, "lm-provers/ProofBench", [dict(HUB_ROWS["lm-provers/ProofBench"][0], grading_scheme="")])
+    with pytest.raises(ValueError, match=r"row 0 \(id 'pb0'\) has an empty 'rubric' \(column 'grading_scheme'\)"):
+        ev.load_benchmark("proofbench")
+
+
+def test_sampling_defaults_of_the_released_run_scripts(monkeypatch):
+    import rc_decode
+
+    a = ev.parse_args([])
+    assert (a.temperature, a.top_p, a.top_k, a.max_tokens) == (0.8, 1.0, 0, 229376)
+    assert (a.summary_tokens, a.summary_temperature, a.verify_tokens, a.summarizer_model) == (229376, 0.8, 229376, "")
+    for scaffold in ("direct", "verify-refine"):
+        assert ev.parse_args(["--scaffold", scaffold]).max_tokens == 229376
+    card = ev.parse_args(["--temperature", "0.6", "--top-p", "0.95", "--max-tokens", "1000"])
+    assert (card.temperature, card.top_p, card.summary_temperature, card.summary_tokens) == (0.6, 0.95, 0.6, 1000)
+    sep = ev.parse_args(["--summarizer-model", "x", "--summary-tokens", "2048", "--summary-temperature", "0.7"])
+    assert (sep.summary_tokens, sep.summary_temperature) == (2048, 0.7)
+    # what the scaffolds are called with: the summarizer thinks with the turns' sampling, no final summary
+    calls = {}
+    monkeypatch.setattr(rc_decode, "run_rc", lambda problems, reasoner, **kw: calls.setdefault("rc", kw) and [])
+    monkeypatch.setattr(rc_decode, "run_direct", lambda problems, engine, s, **kw: calls.setdefault("direct", (s, kw)))
+    monkeypatch.setattr(rc_decode, "run_verify_refine", lambda problems, engine, **kw: calls.setdefault("vr", kw))
+    a.task_prompt = "answerbench"
+    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc = calls["rc"]
+    assert rc["reason_sampling"] == rc_decode.Sampling(229376, 0.8, 1.0, 0, 11) == rc["summary_sampling"]
+    assert rc["final_summary"] is False and rc["summary_thinking"] is True and rc["task_prompt"] == "answerbench"
+    a.scaffold = "direct"
+    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    assert calls["direct"] == (rc_decode.Sampling(229376, 0.8, 1.0, 0, 11), {"task_prompt": "answerbench"})
+    a.scaffold = "verify-refine"
+    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    assert calls["vr"]["proof_sampling"] == calls["vr"]["verify_sampling"] == rc_decode.Sampling(229376, 0.8, 1.0, 0, 11)
+    assert (calls["vr"]["n_proofs"], calls["vr"]["n_verify"], calls["vr"]["rounds"]) == (4, 4, 2)
 
 
 def _lines(path):
@@ -84,10 +169,18 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     assert sorted((r["id"], r["sample"]) for r in grades) == sorted((r["id"], r["sample"]) for r in gens)
     for r in gens:
         assert r["turns"][0]["tokens"] <= 8 and r["final_completion"]
+        # an answer-graded file gets IMO-AnswerBench's own task prompt, not the proof prompt
+        task = r["turns"][0]["prompt"][-1]["content"]
+        assert task.endswith("Reason step by step, and put your final answer within \\boxed{}.")
+        assert "rigorous proof" not in task
+        # the tiny model has the Thinking-2507-like template: the prompt opened <think>, the completion has no
+        # opening tag, and 8 random tokens never close it: every sample counts as truncated (scored 0)
+        assert not r["final_completion"].lstrip().startswith("<think>") and r["truncated"]
     # the summary is recomputed from grades.jsonl, not a constant
     summary = json.load(open(f"{out}/summary.json"))
     mean = 100 * sum(g["score"] for g in grades) / 7 / len(grades)
     assert summary["table"][0]["avg"] == pytest.approx(mean) and summary["counts"]["graded"] == 3
+    assert summary["counts"]["truncated"] == 3 and all(g["truncated"] and g["score"] == 0 for g in grades)
     assert json.load(open(f"{out}/args.json"))["max_tokens"] == 8
     assert "avg@1 (std)" in capsys.readouterr().out
 
@@ -100,7 +193,7 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     assert len(gens) == 6 and gens[:3] == gens1
     assert sorted({r["sample"] for r in gens[3:]}) == [1] and _lines(f"{out}/grades.jsonl") == 6
     # a different setting into the same folder is refused, naming the flag
-    with pytest.raises(ValueError, match="--temperature 0.6"):
+    with pytest.raises(ValueError, match="--temperature 0.8"):
         ev.main(argv + ["--temperature", "1.0"])
 
 
@@ -138,3 +231,59 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
         assert "| p1 | 3.00 | 3 3 |" in open(f"{out}/report.md").read()
     finally:
         srv.close()
+
+
+class ScriptedEngine:
+    """An rc_decode engine that answers each prompt with the completion scripted for the [[pid]] tag in
+    it, in the shape a Qwen3-4B-Thinking-2507 model returns (its prompt ends with "<think>\n": no opening
+    tag in the completion)."""
+
+    def __init__(self, script):
+        self.script, self.prompts = script, []
+
+    def generate(self, prompts, sampling, thinking=True, progress=None):
+        import rc_decode
+
+        out = []
+        for p in prompts:
+            self.prompts.append(p)
+            text = self.script[re.search(r"\[\[(\w+)\]\]", p[-1]["content"]).group(1)]
+            out.append(rc_decode.Completion(text, [0] * 5, None, "stop" if "</think>" in text else "length",
+                                            max_tokens=sampling.max_tokens))
+            if progress:
+                progress(1)
+        return out
+
+
+def test_answerbench_judged_thinking_2507_completions(tmp_path, monkeypatch):
+    """IMO-AnswerBench's default path: its own task prompt, completions with no opening <think>, the LLM
+    answer judge shown the final boxed answer with the self-evaluation cut, a completion that never
+    closes </think> counted as truncated without a judge call."""
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps({"id": f"a{i}", "problem": f"[[a{i}]] Compute 2 + 3.", "answer": "5"}) + "\n"
+                            for i in range(3)))
+    engine = ScriptedEngine({
+        "a0": "2 + 3 = 5, checked twice.\n</think>\n\nAdding, the sum is \\boxed{5}.\n\n## Self Evaluation\n"
+              "All correct: \\boxed{1}",
+        "a1": "2 + 3 is, let me count on my fingers, one, two",  # cut by the budget inside its thinking
+        "a2": "maybe 7\n</think>\n\nSo the answer is \\boxed{7}."})
+    monkeypatch.setattr(ev, "make_engine", lambda args, model: engine)
+    srv = FakeJudge({"a0": ["text:Both are 5.\n\\boxed{Correct}"], "a2": ["text:\\boxed{Incorrect}"]})
+    try:
+        out = str(tmp_path / "run")
+        assert ev.main(["--model", "scripted", "--benchmark", str(data), "--scaffold", "direct", "--n", "1",
+                        "--out-dir", out, "--judge-base-url", srv.url, "--judge-model", "fake",
+                        "--judge-backoff", "0.01"]) == 0
+        s = json.load(open(f"{out}/summary.json"))
+    finally:
+        srv.close()
+    assert s["grader"] == "answerbench" and s["args"]["task_prompt"] == "answerbench"
+    assert s["table"][0]["runs"] == pytest.approx([100 / 3])  # a0 = 7, a1 truncated = 0, a2 = 0
+    assert s["counts"] == dict(graded=3, ungraded=0, parse_failed=0, truncated=1, missing=0)
+    assert all(p[-1]["content"].startswith("[[a") and "\\boxed{}" in p[-1]["content"] for p in engine.prompts)
+    assert {e["pid"] for e in srv.requests()} == {"a0", "a2"}  # no judge call for the truncated one
+    sent = srv.requests("a0")[0]["body"]["messages"][0]["content"]
+    assert "Compute 2 + 3." in sent and "checked twice" not in sent and "Adding" not in sent
+    assert "\\boxed{1}" not in sent and "Self Evaluation" not in sent
+    grades = {g["id"]: g for g in common.read_jsonl(f"{out}/grades.jsonl")}
+    assert (grades["a0"]["score"], grades["a1"]["truncated"], grades["a2"]["score"]) == (7, True, 0)
