@@ -71,6 +71,26 @@ def test_mask_covers_exactly_the_assistant_turn(tokenizer):
     assert sft.tokenize_conversations(tokenizer, [sft.row_messages(flat)]) == [(ids, mask)]
 
 
+def test_mask_under_the_thinking_2507_template(thinking_tokenizer):
+    """Qwen3-4B-Thinking-2507's template opens <think> in the generation prompt: the prompt (what the
+    model is given at inference) ends with it, so it is not trained; everything the model generates at
+    inference (reasoning, </think>, proof, <|im_end|>) is, and the prompt tokens are exactly the
+    inference prompt's."""
+    tok = thinking_tokenizer
+    row = json.loads(open(DATA).readline())
+    msgs = sft.row_messages(row)
+    (ids, mask), = sft.tokenize_conversations(tok, [msgs])
+    first = mask.index(1)
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    assert ids[:first] == tok(prompt, add_special_tokens=False).input_ids  # what generation starts from
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == f"{row['reasoning_content']}\n</think>\n\n{row['proof']}<|im_end|>"
+    assert sum(mask) == len(ids) - first - 1  # all of the assistant turn, then the template's "\n"
+    flat = {k: row[k] for k in ("problem", "reasoning_content", "proof")}
+    assert sft.tokenize_conversations(tok, [sft.row_messages(flat)]) == [(ids, mask)]
+
+
 def test_mask_multi_turn_trains_only_the_last_assistant_turn(tokenizer):
     msgs = [{"role": "system", "content": "Be rigorous."},
             {"role": "user", "content": "Prove 1 = 1."},
