@@ -151,6 +151,9 @@ def build_parser():
                    "benchmark's own: imo_proofbench, proofbench, answerbench)")
     p.add_argument("--allow-no-think", action="store_true", help="grade the whole text of completions that "
                    "have no </think> (non-thinking models) instead of scoring them 0 as truncated")
+    p.add_argument("--keep-self-eval", action="store_true", help="grade the answer with its trailing self-evaluation "
+                   "section (default: cut from a '#' heading reading Evaluation / Self Evaluation / Final Evaluation "
+                   "to the end, as the released eval; RL rewards keep it)")
     # ---- judge (proof benchmarks)
     p.add_argument("--judge-base-url", default="https://generativelanguage.googleapis.com/v1beta/openai",
                    help="OpenAI-compatible judge endpoint (default: Gemini's)")
@@ -375,7 +378,7 @@ def write_report(out_dir, summary, args, title):
 
 RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "grader", "scaffold", "temperature", "top_p",
                "top_k", "max_tokens", "turns", "summary_tokens", "summary_temperature", "summarizer_model",
-               "verify_tokens", "task_prompt", "judge_model", "allow_no_think"]
+               "verify_tokens", "task_prompt", "judge_model", "allow_no_think", "keep_self_eval"]
 # New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
 # max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
 DEFAULT_MAX_TOKENS = 229376
@@ -415,10 +418,10 @@ def run_scaffold(args, engines, problems, first_seed):
                                                       seed))
 
 
-def answer_grade(text, reference, allow_no_think):
+def answer_grade(text, reference, allow_no_think, strip_self_eval=True):
     """Final-answer grading with math-verify (--grader answer) as a grade record: 7 if the last \\boxed{}
     of the text after </think>, its self-evaluation section cut, matches the reference, else 0."""
-    proof = judge_lib.prepare_proof(text, require_think=not allow_no_think, strip_self_eval=True)
+    proof = judge_lib.prepare_proof(text, require_think=not allow_no_think, strip_self_eval=strip_self_eval)
     if proof is None:
         return judge_lib.Grade(0, 0.0, truncated=True, note="no </think> (truncated): scored 0").to_dict()
     box = judge_lib.last_boxed(proof)
@@ -475,7 +478,7 @@ def evaluate(args):
                                 max_retries=args.judge_max_retries, backoff_base=args.judge_backoff,
                                 reasoning_effort=args.judge_reasoning_effort or None,
                                 max_tokens=args.judge_max_tokens if args.judge_max_tokens > 0 else None,
-                                require_think=not args.allow_no_think, strip_self_eval=True)  # as released eval
+                                require_think=not args.allow_no_think, strip_self_eval=not args.keep_self_eval)
         bar = tqdm(total=0, desc="judge", position=1, dynamic_ncols=True)
 
     def grade(records):
@@ -486,7 +489,7 @@ def evaluate(args):
         if judge is None:
             for k, r in zip(keys, records):
                 common.append_jsonl(grade_path, {**k, **answer_grade(r["final_completion"], by_id[r["id"]]["answer"],
-                                                                     args.allow_no_think)})
+                                                                     args.allow_no_think, not args.keep_self_eval)})
             return
         items = [dict(problem=by_id[r["id"]]["problem"], proof=r["final_completion"], rubric=by_id[r["id"]].get("rubric"),
                       reference=by_id[r["id"]].get("reference"), answer=by_id[r["id"]].get("answer"))

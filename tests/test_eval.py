@@ -79,6 +79,8 @@ def test_columns_and_errors(tmp_path):
     assert ev.answer_grade("\\boxed{5} but no think end", "5", False)["truncated"]
     # eval cuts the self-evaluation section before grading: its box is not the answer
     assert ev.answer_grade("5\n</think>\n\\boxed{5}\n\n## Self Evaluation\nSure. \\boxed{1}", "5", False)["score"] == 7
+    assert ev.answer_grade("5\n</think>\n\\boxed{5}\n\n## Self Evaluation\nSure. \\boxed{1}", "5", False,
+                           strip_self_eval=False)["score"] == 0  # --keep-self-eval: the last box is its verdict
 
 
 # The hub datasets' real columns (shared/RECIPE.md, "Evaluation"), a few rows each
