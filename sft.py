@@ -33,6 +33,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -118,6 +119,18 @@ def parse_args(argv=None):
 
 
 def check_args(args, world_size):
+    """Refuse impossible flag values before anything is loaded (each error names its flag)."""
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    for name, lo, hi in (("lr", 0.0, math.inf), ("warmup_ratio", 0.0, 1.0), ("min_lr_ratio", 0.0, 1.0),
+                         ("weight_decay", 0.0, math.inf), ("grad_clip", 0.0, math.inf)):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and lo <= v <= hi) or (name == "lr" and v == 0):
+            raise common.InputError(f"--{name.replace('_', '-')} {v}: must be a finite number in "
+                                    f"{'(0' if name == 'lr' else f'[{lo:g}'}, {hi:g}]")
+    if args.val_rows < 0:
+        raise common.InputError(f"--val-rows {args.val_rows}: must be >= 0 (0 = no validation split)")
     if args.global_batch_size % (args.micro_batch_size * world_size):
         raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world_size} processes; change one of them")
@@ -470,7 +483,9 @@ def prepare_output_dir(args, rank, world_size):
         raise ValueError(f"--output-dir {out!r} already holds a run ({args_file}); pass --resume to continue it, "
                          "--overwrite to delete it and start over, or choose another --output-dir")
     ckpt = None
-    if args.resume and os.path.exists(args_file):
+    if args.resume and not os.path.exists(args_file):
+        raise common.InputError(f"--resume: {out!r} holds no run (no {args_file}); drop --resume to start one there")
+    if args.resume:
         with open(args_file) as f:
             old, new = json.load(f), vars(args)
         diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
@@ -521,6 +536,10 @@ def make_autocast(device, world_size, compute_dtype):
             and compute_dtype == torch.bfloat16 else contextlib.nullcontext())
 
 
+class NonFiniteError(ArithmeticError):
+    """A NaN/inf loss or gradient norm: the run stops without saving (its last checkpoint stays good)."""
+
+
 def train_step(model, opt, trainable, batches, total_tokens, device, world_size, autocast, grad_clip):
     """One optimizer step over this rank's micro-batches (`batches`: lists of (ids, mask) examples, each
     packed into one row): forward, backward, clipping, AdamW, zero_grad. The loss is divided by
@@ -537,6 +556,10 @@ def train_step(model, opt, trainable, batches, total_tokens, device, world_size,
         loss_sum += ce.detach()
     gnorm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     gnorm = (gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm).item()
+    if not math.isfinite(gnorm):  # before the optimizer step: the weights stay the last good ones
+        raise NonFiniteError(f"the gradient norm is {gnorm} (summed loss {loss_sum.item()}): training stopped "
+                             "before the optimizer step; the last checkpoint is the last good state (lower --lr, "
+                             "check the data)")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum, gnorm
@@ -691,8 +714,11 @@ def _train(args, rank, world_size, device, stop):
             g["lr"] = lr
         mbs = micro_batches(rows, lengths, rank, world_size, args.micro_batch_size)
         assert len(mbs) == grad_accum
-        loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
-                                     total_tokens, device, world_size, autocast, args.grad_clip)
+        try:
+            loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
+                                         total_tokens, device, world_size, autocast, args.grad_clip)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"step {step + 1}: {e}") from None
         loss = all_sum(loss_sum, world_size, device) / total_tokens
         dt = time.time() - t0
         seq_lens = [lengths[i] for i in rows]
@@ -733,8 +759,10 @@ def _train(args, rank, world_size, device, stop):
 
 
 if __name__ == "__main__":
-    cli_args = parse_args()
     try:
-        train(cli_args)
+        common.cli(lambda: train(parse_args()))
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         common.compute_cleanup()

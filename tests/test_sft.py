@@ -4,6 +4,7 @@ One 16-step run (module fixture) is shared: the loss falls, its checkpoints relo
 resumes onto the same curve bit for bit, and two torchrun processes reproduce its first steps.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -329,3 +330,26 @@ def test_bad_setup_errors(tiny_run, tiny_model_dir, tmp_path):
         with pytest.raises(ValueError, match="--load-in-4bit needs a CUDA GPU"):
             sft.train(sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir, "--output-dir",
                                       str(tmp_path / "q"), "--lora-r", "4", "--load-in-4bit"]))
+
+
+def test_impossible_flags_and_a_resume_of_nothing_are_refused(tmp_path):
+    for bad in (["--max-steps", "0"], ["--max-steps", "-2"], ["--lr", "inf"], ["--lr", "0"], ["--val-rows", "-3"],
+                ["--global-batch-size", "0"], ["--warmup-ratio", "1.5"], ["--grad-clip", "nan"]):
+        with pytest.raises(common.InputError, match=bad[0]):
+            sft.check_args(sft.parse_args(["--preset", "tiny", *bad]), 1)
+    with pytest.raises(common.InputError, match="holds no run.*drop --resume"):
+        sft.train(sft.parse_args(["--preset", "tiny", "--output-dir", str(tmp_path / "empty"), "--resume"]))
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
+    args = sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir])
+    model, trainable, dtype = sft.build_model(args, torch.device("cpu"), 1)
+    opt = sft.build_optimizer(args, trainable)
+    before = [p.detach().clone() for p in trainable]
+    with torch.no_grad():
+        trainable[0][0, 0] = float("nan")  # a poisoned weight: NaN loss and gradients
+    example = ([1, 2, 3, 4], [0, 0, 1, 1])
+    with pytest.raises(sft.NonFiniteError, match="gradient norm is nan"):
+        sft.train_step(model, opt, trainable, [[example]], 2, torch.device("cpu"), 1, contextlib.nullcontext(), 1.0)
+    assert all(torch.equal(p, q) or torch.isnan(p).any() for p, q in zip(trainable, before))
+    assert not opt.state  # the optimizer never stepped
