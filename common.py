@@ -35,6 +35,24 @@ def cli(main, argv=None):
         raise SystemExit(2) from None
 
 
+def writable_path(path, flag, folder=False):
+    """Create `path`'s folder (or `path` itself with folder=True) and check it can be written now, before
+    any expensive step; an InputError naming `flag` otherwise."""
+    try:
+        d = path if folder else os.path.dirname(path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        if folder:
+            probe = os.path.join(path, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        else:
+            open(path, "a").close()
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write there ({e.strerror}); choose a writable path") from None
+    return path
+
+
 def exit_on_signals():
     """SIGTERM (what Slurm sends before a job's end) and SIGINT end the process with status 128 + the
     signal, for stages whose results are already on disk as they are produced (rc_decode, eval, judge)."""

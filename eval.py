@@ -188,7 +188,7 @@ def parse_columns(spec):
         field, eq, col = part.partition("=")
         field, col = field.strip(), col.strip().strip("'\"")
         if not eq or not col or field not in CANDIDATES:
-            raise ValueError(f"--columns: cannot read {part!r}; write field=Column with field in "
+            raise common.InputError(f"--columns: cannot read {part!r}; write field=Column with field in "
                              f"{list(CANDIDATES)}, e.g. --columns \"problem=Problem,answer=Short Answer\"")
         out[field] = col
     return out
@@ -201,7 +201,7 @@ def resolve_columns(names, fields, explicit, required, source):
     for f in fields:
         if f in explicit:
             if explicit[f] not in names:
-                raise ValueError(f"{source}: --columns maps {f}={explicit[f]!r} but there is no such column; "
+                raise common.InputError(f"{source}: --columns maps {f}={explicit[f]!r} but there is no such column; "
                                  f"columns are {names}")
             mapping[f] = explicit[f]
         else:
@@ -210,7 +210,7 @@ def resolve_columns(names, fields, explicit, required, source):
                 mapping[f] = hit
     missing = [f for f in required if f not in mapping]
     if missing:
-        raise ValueError(f"{source}: no column for {missing} (looked for {[CANDIDATES[f] for f in missing]}); "
+        raise common.InputError(f"{source}: no column for {missing} (looked for {[CANDIDATES[f] for f in missing]}); "
                          f"the data has columns {names}. Name them with --columns, e.g. --columns \""
                          + ",".join(f"{f}=<column>" for f in missing) + '"')
     return mapping
@@ -224,7 +224,7 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
     spec = BENCHMARKS.get(benchmark)
     source = spec["source"] if spec else benchmark
     if spec is None and not os.path.exists(benchmark):
-        raise ValueError(f"--benchmark {benchmark!r}: not one of {list(BENCHMARKS)} and not an existing "
+        raise common.InputError(f"--benchmark {benchmark!r}: not one of {list(BENCHMARKS)} and not an existing "
                          ".jsonl/.json/.parquet file")
     ds = common.load_rows(source, split=split, config=config)
     names = list(ds.column_names)
@@ -246,12 +246,12 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
         p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
         p["id"] = p.get("id") or f"row-{i}"
         if p["id"] in seen:
-            raise ValueError(f"{source}: row {i}: duplicate id {p['id']!r}; "
+            raise common.InputError(f"{source}: row {i}: duplicate id {p['id']!r}; "
                              "map a unique id column with --columns id=...")
         seen.add(p["id"])
         for f in required:
             if not (p.get(f) or "").strip():
-                raise ValueError(f"{source}: row {i} (id {p['id']!r}) has an empty {f!r} (column {mapping[f]!r})")
+                raise common.InputError(f"{source}: row {i} (id {p['id']!r}) has an empty {f!r} (column {mapping[f]!r})")
         if benchmark == "imo-proofbench" and not p.get("set"):
             m = re.search(r"basic|advanced", p["id"], re.IGNORECASE)
             p["set"] = m.group(0).lower() if m else None
@@ -433,7 +433,7 @@ def answer_grade(text, reference, allow_no_think, strip_self_eval=True):
 def evaluate(args):
     """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
     out = args.out_dir
-    os.makedirs(out, exist_ok=True)
+    common.writable_path(out, "--out-dir", folder=True)  # before the benchmark, the model or the judge
     problems, grader, breakdowns, source, mapping = load_benchmark(
         args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
         limit=args.limit)
@@ -452,7 +452,7 @@ def evaluate(args):
         diff = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
         if diff:
             was = ", ".join(f"--{k.replace('_', '-')} {old[k]!r}" for k in diff)
-            raise ValueError(f"{out} holds a run made with different settings ({was}); "
+            raise common.InputError(f"{out} holds a run made with different settings ({was}); "
                              "rerun with those flags to resume it, or pass a new --out-dir")
     with open(args_path, "w") as f:
         json.dump(vars(args), f, indent=2)
@@ -586,7 +586,7 @@ def parse_args(argv=None):
         name = lambda s: re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(s)) or s)  # noqa: E731
         args.out_dir = os.path.join("runs", "eval", f"{name(args.model)}-{name(args.benchmark)}-{args.scaffold}")
     if args.n < 1 or args.chunk_size < 1:
-        raise ValueError("--n and --chunk-size must be >= 1")
+        raise common.InputError("--n and --chunk-size must be >= 1")
     return args
 
 
@@ -605,4 +605,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
+    sys.exit(common.cli(main))

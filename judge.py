@@ -213,7 +213,7 @@ def load_prompt(name):
     path = name if name.endswith(".txt") else os.path.join(PROMPT_DIR, f"judge_{name}.txt")
     if not os.path.isfile(path):
         known = sorted(f[6:-4] for f in os.listdir(PROMPT_DIR) if f.startswith("judge_") and f.endswith(".txt"))
-        raise ValueError(f"judge prompt {name!r} not found at {path}; known prompts: {known} "
+        raise common.InputError(f"judge prompt {name!r} not found at {path}; known prompts: {known} "
                          "(or pass a path to a .txt template with {problem} {rubric} {reference} {answer} {proof})")
     with open(path) as f:
         return f.read()
@@ -400,7 +400,7 @@ class Judge:
 
     def _job(self, i, item):
         if not isinstance(item, dict) or "proof" not in item or "problem" not in item:
-            raise ValueError(f"judge item {i}: needs a dict with 'problem' and 'proof' (got {str(item)[:100]})")
+            raise common.InputError(f"judge item {i}: needs a dict with 'problem' and 'proof' (got {str(item)[:100]})")
         proof = prepare_proof(item["proof"], require_think=self.require_think, strip_self_eval=self.strip_self_eval)
         if proof is None:
             return Grade(0, 0.0, truncated=True, note="no </think> (truncated): scored 0 without a judge call")
@@ -412,7 +412,7 @@ class Judge:
                   "answer": None if item.get("answer") is None else str(item["answer"]), "proof": proof}
         for f in self.fields:
             if not isinstance(fields[f], str) or not fields[f].strip():
-                raise ValueError(f"judge item {i}: prompt {self.prompt_name!r} uses {{{f}}} but the item's "
+                raise common.InputError(f"judge item {i}: prompt {self.prompt_name!r} uses {{{f}}} but the item's "
                                  f"{f!r} is empty or missing; give it, or choose a prompt that does not use it")
         content = render_prompt(self.template, {f: fields[f] for f in self.fields})
         key = hashlib.sha256(json.dumps([self.model, self.prompt_name, self.reasoning_effort, content])
@@ -541,7 +541,7 @@ def grade_file(judge, input_path, output_path, *, progress=True):
         r = rows[i]
         missing = [k for k in ("problem", "proof") if k not in r]
         if missing:
-            raise ValueError(f"{input_path}: row {i + 1} has no {missing} field(s); each row needs "
+            raise common.InputError(f"{input_path}: row {i + 1} has no {missing} field(s); each row needs "
                              "'problem' and 'proof' (and 'rubric'/'reference'/'answer' as the prompt requires)")
         try:  # the fields the prompt needs, checked now and named by row (submit numbers items, not rows)
             judge._job(i, r)
@@ -595,6 +595,9 @@ def main(argv=None):
                    "grading, as benchmark grading does (eval.py); off = RL rewards, which keep it")
     args = p.parse_args(argv)
 
+    if not os.path.isfile(args.input):
+        raise common.InputError(f"--input {args.input}: no such file")
+    common.writable_path(args.output, "--output")  # before any request is paid for
     cache = None if args.cache == "none" else (args.cache or args.output + ".cache.sqlite")
     judge = Judge(args.base_url, args.model, api_key_env=args.api_key_env, prompt=args.prompt, cache_path=cache,
                   concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
@@ -623,4 +626,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
+    sys.exit(common.cli(main))

@@ -1206,17 +1206,6 @@ def check_same_run(path, args):
         return
 
 
-def open_output(path):
-    """Create --output's folder and check it is writable now, before any model loads or generates."""
-    try:
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise common.InputError(f"--output {path}: cannot write there ({e.strerror}); choose a writable path") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.problem is not None:
@@ -1228,7 +1217,7 @@ def main(argv=None):
     err_path = None
     if args.output:
         err_path = os.path.splitext(args.output)[0] + ".errors.jsonl"
-        open_output(args.output)
+        common.writable_path(args.output, "--output")  # before any model loads or generates
         _drop_torn_tail(args.output)
         check_same_run(args.output, args)
         done = {(r["id"], r["sample_index"]) for r in common.read_jsonl(args.output) if "id" in r}

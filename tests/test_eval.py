@@ -289,3 +289,21 @@ def test_answerbench_judged_thinking_2507_completions(tmp_path, monkeypatch):
     assert "\\boxed{1}" not in sent and "Self Evaluation" not in sent
     grades = {g["id"]: g for g in common.read_jsonl(f"{out}/grades.jsonl")}
     assert (grades["a0"]["score"], grades["a1"]["truncated"], grades["a2"]["score"]) == (7, True, 0)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    """Bad input from the command line: one line naming the flag or file, no traceback, exit 2; nothing is
+    loaded first (an unwritable --out-dir is found before the benchmark or the model)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv, msg in ((["--benchmark", str(tmp_path / "none.jsonl"), "--out-dir", str(tmp_path / "o")], "--benchmark"),
+                      (["--preset", "tiny", "--out-dir", str(blocker / "sub")], "--out-dir"),
+                      (["--preset", "tiny", "--columns", "nonsense", "--out-dir", str(tmp_path / "c")], "--columns")):
+        p = subprocess.run([sys.executable, "eval.py", *argv], cwd=root, capture_output=True, text=True, timeout=300)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and err[-1].startswith("error: ") and msg in err[-1], p.stderr[-1500:]
+        assert "Traceback" not in p.stderr

@@ -527,3 +527,17 @@ def test_cli_cache_survives_kill(fake, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0 and "0 to grade" in res.stdout
     assert len(srv.requests()) == n_first + len(second)
+
+
+def test_cli_missing_input_and_unwritable_output_are_one_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"problem": "p", "proof": "x</think>y", "rubric": "r"}) + "\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv, msg in ((["--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "g.jsonl")], "--input"),
+                      (["--input", str(inp), "--output", str(blocker / "g.jsonl")], "--output")):
+        p = subprocess.run([sys.executable, "judge.py", *argv, "--base-url", "http://127.0.0.1:9/v1"], cwd=root,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and msg in p.stderr, p.stderr[-1500:]
+        assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1
