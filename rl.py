@@ -746,13 +746,22 @@ def prune_versions(root, prefix, oldest_kept):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+_RESUME_TAG = {}
+
+
 def push_adapter(args, model, engine, version):
     """--lora-r with vLLM: save the adapter (PEFT layout) to <sync-dir>/lora_vNNNNN, then the colocated
     engine generates through it, or each server loads it (POST /v1/load_lora_adapter; the servers run with
     --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and see the folder on a shared filesystem)
-    and serves it under the name policy-vN, which the rollout requests then ask for."""
+    and serves it under the name policy-vN, which the rollout requests then ask for. A new name and folder
+    per version is what keeps a server's prefix cache honest (its keys hold the adapter's name and path,
+    not its weights); a resumed run pushes versions the servers may have seen from the run before it,
+    with other weights, so its names and folders carry a tag of this process (policy-vN-rTAG)."""
     root = os.path.abspath(args.sync_dir or os.path.join(args.output_dir, "sync"))
-    path, name = os.path.join(root, f"lora_v{version:05d}"), f"policy-v{version}"
+    tag = ""
+    if args.resume:  # one tag per trainer process: pid + clock
+        tag = "-r" + _RESUME_TAG.setdefault("tag", f"{os.getpid()}{int(time.time()) % 100000:05d}")
+    path, name = os.path.join(root, f"lora_v{version:05d}{tag}"), f"policy-v{version}{tag}"
     model.save_pretrained(path)
     if args.engine == "vllm":
         engine.load_lora(path, version)

@@ -238,7 +238,8 @@ def test_rl_remote_lora_sync(vllm_server, tiny_model_dir, tmp_path, monkeypatch)
     """--lora-r 8: the adapter goes through /v1/load_lora_adapter under a new name and folder per version,
     which vLLM's prefix-cache keys include (lora name and path), so no reset is needed: checked here on the
     long prompt, served under the previous adapter just before each push."""
-    metrics = run_remote(vllm_server, tiny_model_dir, str(tmp_path / "run"), monkeypatch, "--lora-r", "8", "--lr", "2e-2")
+    metrics = run_remote(vllm_server, tiny_model_dir, str(tmp_path / "run"), monkeypatch, "--lora-r", "8",
+                         "--lr", "2e-2")  # B starts at 0: a larger step makes each version visibly different
     check_ratio(metrics)
     assert sorted(os.listdir(tmp_path / "run" / "sync")) == ["lora_v00002", "lora_v00003"]
 
@@ -322,6 +323,33 @@ def test_startup_probe_needs_processed_logprobs(tiny_model_dir, tmp_path, mode):
                     p.add_(0.05 * torch.randn_like(p))
             with pytest.raises(RuntimeError, match="differ from the trainer's.*--logprob-probe-tol"):
                 rl.check_sampler_logprobs(args, engine, policy, rl.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
+    finally:
+        server.shutdown()
+
+
+def test_resumed_lora_run_pushes_new_adapter_names_and_folders(tiny_model_dir, tmp_path):
+    """vLLM's prefix-cache keys hold an adapter's name and path, and a server refuses a name it has loaded:
+    a resumed --lora-r run (its servers still up) pushes version 3 again with other weights, so it must use
+    a new name and folder (fake server: the weight sync's endpoints as vLLM answers them)."""
+    from peft import LoraConfig, get_peft_model
+    from test_rl import FakeVLLMServer
+
+    model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8,
+                                                                         target_modules="all-linear"))
+    FakeVLLMServer.calls = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        for resume in ([], ["--resume"]):
+            args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir",
+                                str(tmp_path), *resume])
+            engine = rl.SplitEngine([R.make_engine("openai", "base-model", base_url=base + "/v1")])
+            rl.push_weights(args, model, engine, None, 2.0, 3, 0)
+        first, again = [b for p, b in FakeVLLMServer.calls if p == "/v1/load_lora_adapter"]
+        assert first == {"lora_name": "policy-v3", "lora_path": str(tmp_path / "sync" / "lora_v00003")}
+        assert again["lora_name"].startswith("policy-v3-r") and again["lora_path"].endswith(again["lora_name"][9:])
+        assert again["lora_path"] != first["lora_path"] and os.path.isdir(again["lora_path"])
     finally:
         server.shutdown()
 
