@@ -33,10 +33,13 @@ reward_curve.png.
 import argparse
 import copy
 import json
+import math
 import os
 import queue
 import random
 import shutil
+import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -212,9 +215,9 @@ def get_args(argv=None):
         try:
             rc_decode.task_text("x", args.prompt)
         except ValueError as e:
-            raise ValueError(f"--prompt {args.prompt}: {e}") from None
+            raise common.InputError(f"--prompt {args.prompt}: {e}") from None
     if args.grad_clip_divisor == 0:
-        raise ValueError("--grad-clip-divisor must be > 0 (-1 = the released trainer's)")
+        raise common.InputError("--grad-clip-divisor must be > 0 (-1 = the released trainer's)")
     if args.problems_per_step < 0:
         args.problems_per_step = 32 if args.rc_turns > 0 else 64
     if args.grad_clip_divisor < 0:
@@ -224,17 +227,22 @@ def get_args(argv=None):
     if args.rc_reason_tokens < 0:
         args.rc_reason_tokens = args.max_new_tokens
     args.lora_alpha = args.lora_alpha or 2 * args.lora_r
+    for name in ("lr", "temperature", "grad_clip", "adam_eps", "weight_decay", "entropy_coef", "kl_beta"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise common.InputError(f"--{name.replace('_', '-')} {value}: must be a finite number "
+                                    f"{'> 0' if name == 'lr' else '>= 0'}")
     for name in ("problems_per_step", "max_steps", "ppo_epochs", "pack_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise common.InputError(f"--{name.replace('_', '-')} must be >= 1")
     if args.samples_per_problem < 2:
-        raise ValueError("--samples-per-problem must be >= 2: the advantage is reward - group mean")
+        raise common.InputError("--samples-per-problem must be >= 2: the advantage is reward - group mean")
     if args.max_lag < 0:
-        raise ValueError("--max-lag must be >= 0 (0 = synchronous)")
+        raise common.InputError("--max-lag must be >= 0 (0 = synchronous)")
     if args.engine == "remote" and not args.servers:
-        raise ValueError("--engine remote needs --servers http://host:port[,http://host2:port]")
+        raise common.InputError("--engine remote needs --servers http://host:port[,http://host2:port]")
     if args.engine == "remote" and args.weight_sync == "nccl" and not args.nccl_master and not args.lora_r:
-        raise ValueError("--weight-sync nccl needs --nccl-master host:port (reachable from the servers), or use "
+        raise common.InputError("--weight-sync nccl needs --nccl-master host:port (reachable from the servers), or use "
                          "--weight-sync fs with a shared --sync-dir")
     return args
 
@@ -248,12 +256,12 @@ def load_problems(args):
     rows = common.load_rows(args.data, split=args.data_split, config=args.data_config)
     cols = set(rows.column_names)
     if "problem" not in cols:
-        raise ValueError(f"{args.data}: no 'problem' column (columns: {sorted(cols)}); rl.py needs FineProofs-RL's "
+        raise common.InputError(f"{args.data}: no 'problem' column (columns: {sorted(cols)}); rl.py needs FineProofs-RL's "
                          "layout (problem, rubrics[, answer])")
     kind = args.reward if args.reward != "auto" else ("answer" if "answer" in cols else "judge")
     need = "answer" if kind == "answer" else "rubrics"
     if need not in cols:
-        raise ValueError(f"{args.data}: --reward {kind} needs a '{need}' column (columns: {sorted(cols)})")
+        raise common.InputError(f"{args.data}: --reward {kind} needs a '{need}' column (columns: {sorted(cols)})")
     out = []
     for i, r in enumerate(rows):
         if 0 <= args.max_problems <= len(out):
@@ -261,11 +269,11 @@ def load_problems(args):
         if not isinstance(r["problem"], str) or not r["problem"].strip():
             continue
         if kind == "answer" and (r["answer"] is None or not str(r["answer"]).strip()):
-            raise ValueError(f"{args.data}: row {i} has an empty 'answer'; fill it or drop the row")
+            raise common.InputError(f"{args.data}: row {i} has an empty 'answer'; fill it or drop the row")
         out.append({"problem": r["problem"], "rubric": r.get("rubrics") or "",
                     "answer": None if r.get("answer") is None else str(r["answer"])})
     if not out:
-        raise ValueError(f"{args.data}: no usable rows (every 'problem' empty, or --max-problems 0)")
+        raise common.InputError(f"{args.data}: no usable rows (every 'problem' empty, or --max-problems 0)")
     return out, kind
 
 
@@ -962,15 +970,35 @@ def _barrier(world_size):
         torch.distributed.barrier()
 
 
+# Flags a resumed run may change: where servers and judges live and how often to save or log. Every
+# other flag changes what the run trains on or how, so --resume with another value is refused.
+RESUME_FREE = {"resume", "overwrite", "stop_after", "save_every", "keep_last", "log_rollouts", "wandb_project",
+               "servers", "nccl_master", "sync_dir", "judge_url", "judge_concurrency", "judge_timeout",
+               "judge_retries", "device"}
+
+
+def changed_flags(old, new):
+    """['--flag: old -> new', ...] for the flags outside RESUME_FREE whose values differ."""
+    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in RESUME_FREE and old.get(k) != new.get(k)]
+
+
 def prepare_output_dir(args, rank, world_size):
-    """The checkpoint to resume from (or None); refuses to overwrite a run unless asked."""
+    """The checkpoint to resume from (or None); refuses to overwrite a run unless asked, and to resume one
+    with other settings (naming each changed flag)."""
     marker = os.path.join(args.output_dir, "latest")
     if args.resume:
         if not os.path.exists(marker):
-            raise ValueError(f"--resume: no checkpoint in {args.output_dir} (no 'latest' file); run without --resume")
+            raise common.InputError(f"--resume: no checkpoint in {args.output_dir} (no 'latest' file); run without "
+                                    "--resume")
+        with open(os.path.join(args.output_dir, "args.json")) as f:
+            diff = changed_flags(json.load(f), vars(args))
+        if diff:
+            raise common.InputError(f"--resume: {args.output_dir} was made with other settings ({'; '.join(diff)}); "
+                                    "rerun with the original flags, or start a new run in another --output-dir")
         return os.path.join(args.output_dir, open(marker).read().strip())
     if os.path.exists(marker) and not args.overwrite:
-        raise ValueError(f"{args.output_dir} already holds a run: pass --resume to continue it or --overwrite")
+        raise common.InputError(f"{args.output_dir} already holds a run: pass --resume to continue it or --overwrite")
     _barrier(world_size)
     if rank == 0:
         if args.overwrite:
@@ -1037,6 +1065,10 @@ def training_sequences(groups, args, nominal, world_size):
     return out
 
 
+class NonFiniteError(ArithmeticError):
+    """A NaN/inf loss or gradient: the run stops without saving (its last checkpoint stays the last good one)."""
+
+
 def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad_id, device):
     """--ppo-epochs optimizer steps over this rank's micro-batches. Returns (sums tensor, grad norm)."""
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
@@ -1074,6 +1106,10 @@ def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad
         clip = args.grad_clip * args.grad_clip_divisor if args.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        if not torch.isfinite(gnorm):  # before the optimizer step: the weights stay the last good ones
+            raise NonFiniteError(f"the gradient norm is {float(gnorm)} (loss {float(sums[5])}): training stopped "
+                                 "before the optimizer step; the last checkpoint is the last good state (lower --lr, "
+                                 "check the data)")
         opt.step()
     return sums, float(gnorm), sum(mb["num_tokens"] for mb in micro)
 
@@ -1160,10 +1196,11 @@ def main(args):
         state = {"step": saved["step"], "next_batch": saved["next_batch"]}
         torch.set_rng_state(load_file(os.path.join(ckpt, "rng.safetensors"))["torch"])
         random.setstate((3, tuple(saved["python_rng"]), None))
-        if rank == 0:  # metrics logged after that checkpoint belong to the abandoned future
-            rows = [r for r in common.read_jsonl(metrics_path) if r.get("step", 0) <= state["step"]]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+        if rank == 0:  # rows logged after that checkpoint belong to the abandoned future: the resumed run redoes them
+            for path in (metrics_path, os.path.join(args.output_dir, "rollouts.jsonl")):
+                rows = [r for r in common.read_jsonl(path) if r.get("step", 0) <= state["step"]]
+                with open(path, "w") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         print0(f"resumed from {ckpt}: step {state['step']}, next batch {state['next_batch']}")
 
     def lr_at(step):
@@ -1207,8 +1244,11 @@ def main(args):
     print0(f"rl: {args.max_steps} steps x {nominal} rollouts | engine {args.engine} | {world_size} process(es) | "
            f"lr {args.lr} | max lag {args.max_lag} | {args.output_dir}")
 
-    # ---- loop
+    # ---- loop (SIGTERM, what Slurm sends before a job's end, and Ctrl-C: finish the step, save, exit 128 + signal)
     step, stop_at = state["step"], args.max_steps if args.stop_after < 0 else min(args.max_steps, args.stop_after)
+    stop = {"signal": 0}
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while step < stop_at:
             t_step, stats, payload = time.time(), Counter(), None
@@ -1239,8 +1279,12 @@ def main(args):
             try:
                 sums, gnorm, train_tokens = torch.zeros(8, dtype=torch.float64), 0.0, 0
                 if not payload["empty"]:
-                    sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params, payload["plan"][rank],
-                                                           args, lr_at(step), tokenizer.pad_token_id, device)
+                    try:
+                        sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params,
+                                                               payload["plan"][rank], args, lr_at(step),
+                                                               tokenizer.pad_token_id, device)
+                    except NonFiniteError as e:
+                        raise NonFiniteError(f"step {step + 1}: {e}") from None
                 train_s, t_sync, sync_wait_s = time.time() - t_train, time.time(), 0.0
                 if sleeps:
                     engine.llm.wake_up(tags=["weights"])
@@ -1298,9 +1342,16 @@ def main(args):
                        f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {train_s:.1f}s sync "
                        f"{sync_s:.1f}s (+{sync_wait_s:.1f}s wait) | dt {m['step_s']:.1f}s")
             state["step"] = step
-            if args.save_every and step % args.save_every == 0 and step < stop_at:
+            signalled = torch.tensor([float(stop["signal"])])
+            if world_size > 1:  # every rank stops at the same step
+                torch.distributed.all_reduce(signalled, op=torch.distributed.ReduceOp.MAX)
+            if signalled.item() or (args.save_every and step % args.save_every == 0 and step < stop_at):
                 save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state,
                                 args, rank, world_size)
+            if signalled.item():
+                print0(f"stopped after step {step} (signal {int(signalled.item())}); continue with the same command "
+                       "plus --resume")
+                raise SystemExit(128 + int(signalled.item()))
     except RuntimeError:
         if step > 0:  # keep what was paid for: pending rollouts are discarded, the weights are not
             state["step"] = step  # a failed weight push comes after the optimizer step: that step is done
@@ -1309,6 +1360,8 @@ def main(args):
                             rank, world_size)
         raise
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         if ro is not None:
             ro.stop()
     final = "final" if step >= args.max_steps else f"step_{step:05d}"
@@ -1342,4 +1395,8 @@ def plot_rewards(metrics_path, png_path, title="rl.py: mean reward per step"):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    try:
+        common.cli(lambda: main(get_args()))
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -4,7 +4,11 @@ CLI resume, bad input, and (when vllm is importable) the vLLM engine."""
 
 import http.server
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +18,7 @@ import torch
 import common
 import rc_decode as R
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 151645  # <|im_end|>
 
 
@@ -504,6 +509,51 @@ def test_cli_batch_resume(tmp_path, monkeypatch, capsys):
     assert recs[0]["args"]["reason_budget"] == 6 and recs[0]["scaffold"] == "rc"
     R.main(argv)  # all done: nothing runs
     assert len(seen) == 3 and "3 done, 0 to run" in capsys.readouterr().out
+
+
+def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch):
+    """A rerun into an --output made with another model or sampling is refused, naming the flag; an
+    unwritable --output fails before any model loads (nothing generated is lost)."""
+    inp, out = tmp_path / "p.jsonl", tmp_path / "t.jsonl"
+    inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
+    argv = ["--preset", "tiny", "--input", str(inp), "--output", str(out), "--scaffold", "direct",
+            "--reason-budget", "4", "--no-progress"]
+    R.main(argv)
+    with pytest.raises(common.InputError, match=r"--temperature 0\.8 -> 0\.5"):
+        R.main(argv + ["--temperature", "0.5"])
+    with pytest.raises(common.InputError, match="--model"):
+        R.main(argv + ["--model", str(tmp_path / "other")])
+    R.main(argv + ["--batch-size", "7"])  # a setting that does not change traces: allowed
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    loads = []
+    monkeypatch.setattr(R, "engine_from_args", lambda *a, **k: loads.append(a))
+    try:
+        if os.access(str(ro), os.W_OK):  # root ignores permissions: use a path under a file instead
+            bad = str(inp) + "/t.jsonl"
+        else:
+            bad = str(ro / "t.jsonl")
+        with pytest.raises(common.InputError, match="cannot write there"):
+            R.main(argv[:4] + ["--output", bad] + argv[6:])
+    finally:
+        ro.chmod(0o700)
+    assert loads == []
+
+
+def test_cli_sigterm_exits_143_keeping_finished_traces(tmp_path):
+    inp, out = tmp_path / "p.jsonl", tmp_path / "t.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"Compute {i} + 1."}) + "\n" for i in range(40)))
+    cmd = [sys.executable, os.path.join(ROOT, "rc_decode.py"), "--preset", "tiny", "--input", str(inp), "--output",
+           str(out), "--scaffold", "direct", "--reason-budget", "8", "--batch-size", "1", "--no-progress"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(common.read_jsonl(str(out))) < 2:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 128 + signal.SIGTERM
+    done = common.read_jsonl(str(out))
+    assert 2 <= len(done) < 40 and [r["id"] for r in done] == [f"q{i}" for i in range(len(done))]
 
 
 def test_cli_errors_file_then_retry(tmp_path, server):

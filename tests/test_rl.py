@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -148,8 +149,8 @@ def test_importance_ratio_truncation():
 
 def test_packed_microbatch_matches_unpacked_forwards(tiny_model):
     """Packing several sequences in one row (positions restarting) gives each completion token the
-    log-prob an unpacked forward gives it, and the loss is their weighted sum."""
-    args = rl.get_args(["--temperature", "0.7", "--entropy-coef", "0"])
+    log-prob an unpacked forward gives it, and the loss is their weighted sum (truncated-ratio form)."""
+    args = rl.get_args(["--temperature", "0.7", "--entropy-coef", "0", "--loss", "truncate"])
     torch.manual_seed(0)
     seqs = []
     for plen, clen, adv in ((5, 3, 0.5), (2, 4, -1.0), (7, 1, 0.25)):
@@ -272,7 +273,34 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
     assert lp == pytest.approx(s["old_logp"], abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
 
 
-def test_grad_clip_means_the_released_clip(tiny_model_dir):
+def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
+    model = common.load_model(tiny_model_dir, dtype=torch.float32)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    seqs = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "old_logp": [-1e30, -1.0], "advantage": 1.0,
+             "weight": 1.0, "num_tokens": 5}]  # an exploding importance ratio: inf loss, NaN gradient
+    args = rl.get_args(["--temperature", "1.0", "--loss", "truncate", "--ratio-cap", "1e38"])
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    with pytest.raises(rl.NonFiniteError, match="gradient norm is nan"):
+        rl.train_step(model, rl.tap_hidden(model), None, None, opt, params, [seqs], args, 1e-3, 0, torch.device("cpu"))
+    assert all(torch.equal(p, q) for p, q in zip(params, before))  # no optimizer step was taken
+    for bad in (["--lr", "inf"], ["--lr", "0"], ["--max-steps", "0"], ["--temperature", "-1"]):
+        with pytest.raises(common.InputError, match=bad[0]):
+            rl.get_args(bad)
+
+
+def test_sigterm_saves_the_step_and_exits_143(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "rl.py", "--preset", "tiny", "--model", tiny_model_dir, "--output-dir", out, *RUN]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 600
+    while time.time() < deadline and not common.read_jsonl(os.path.join(out, "metrics.jsonl")):
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=600) == 128 + signal.SIGTERM, p.stdout.read().decode()[-2000:]
+    step = open(os.path.join(out, "latest")).read().strip()
+    n = len(common.read_jsonl(os.path.join(out, "metrics.jsonl")))
+    assert step == f"step_{n:05d}" and 1 <= n < rl.TINY["max_steps"]  # the last finished step, saved
     """DeepSpeed divided the released trainer's gradient by its accumulation steps x ranks (64 in stage 2)
     before its 0.3 clip; ours is the plain gradient, so the same clip is 0.3 x 64 on it."""
     model = common.load_model(tiny_model_dir, dtype=torch.float32)
@@ -366,9 +394,11 @@ def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
 
 class FakeJudge(http.server.BaseHTTPRequestHandler):
     calls = Counter()
+    bodies = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.bodies.append(body)
         text = body["messages"][-1]["content"]
         key = "FAIL" if "FAIL" in text else "BAD" if "BAD" in text else "ok"
         FakeJudge.calls[key] += 1
@@ -424,6 +454,30 @@ def test_judge_outage_counts_and_zeroes_or_skips(tmp_path, policy):
             assert groups[2]["failed"] and "rewards" not in groups[2]
         assert stats["judge_failures"] == 2 and stats["judge_regraded"] == 2
         assert FakeJudge.calls["FAIL"] == 4  # (1 try + 1 retry) x (grade + 1 group re-grade)
+    finally:
+        server.shutdown()
+
+
+def test_rl_judge_sees_the_proof_with_its_self_evaluation(tmp_path):
+    """RL grading (released): the rl_proof prompt at T 1.0 and medium effort, sent the text after the last
+    </think> of a Thinking-2507 completion, its self-evaluation section kept (eval cuts it, RL does not)."""
+    FakeJudge.bodies.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = rl.get_args(["--judge-url", f"http://127.0.0.1:{server.server_port}/v1", "--samples-per-problem", "2",
+                            "--output-dir", str(tmp_path)])
+        problems = [{"problem": "Prove P.", "rubric": "7 if right", "answer": None}]
+        rewards = rl.Rewards("judge", problems, args)
+        proof = "Proof. \\boxed{5}\n\n## Self Evaluation\nI checked every step."
+        group = {"row": 0, "failed": False, "samples": [{"text": "my hidden reasoning\n</think>\n\n" + proof},
+                                                         {"text": "other reasoning</think>\n\nNo."}]}
+        rewards.finish(rewards.start([group]), Counter())
+        sent = [b["messages"][-1]["content"] for b in FakeJudge.bodies]
+        assert any(proof in t for t in sent) and not any("hidden reasoning" in t for t in sent)
+        assert FakeJudge.bodies[0]["temperature"] == 1.0 and FakeJudge.bodies[0]["reasoning_effort"] == "medium"
+        assert sent[0].startswith(open(os.path.join(ROOT, "prompts", "judge_rl_proof.txt")).read()[:40])
+        assert group["rewards"][0] == 1.0  # FakeJudge: 7 for a proof with \\boxed{5}
     finally:
         server.shutdown()
 
@@ -487,6 +541,10 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     assert open(os.path.join(b, "latest")).read() == "step_00002" and not os.path.exists(os.path.join(b, "final"))
     with pytest.raises(ValueError, match="already holds a run"):
         rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, *RUN))
+    for flag in (["--lr", "3e-4"], ["--temperature", "0.9"], ["--samples-per-problem", "4"]):  # never mixes runs
+        with pytest.raises(common.InputError, match=f"other settings.*{flag[0]}: "):
+            rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN, *flag))
+    common.append_jsonl(os.path.join(b, "rollouts.jsonl"), {"step": 3, "completion": "abandoned"})  # as if killed
     rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN))
     wa, wb, w0 = final_weights(a), final_weights(b), common.load_model(tiny_model_dir).state_dict()
     assert not torch.equal(wa["model.layers.0.mlp.up_proj.weight"], w0["model.layers.0.mlp.up_proj.weight"].float())
@@ -494,6 +552,10 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     ma, mb = common.read_jsonl(os.path.join(a, "metrics.jsonl")), common.read_jsonl(os.path.join(b, "metrics.jsonl"))
     assert [m["step"] for m in mb] == [1, 2, 3]
+    # an abandoned step (logged after the last checkpoint) leaves no rollouts behind either
+    rb = common.read_jsonl(os.path.join(b, "rollouts.jsonl"))
+    assert [r["step"] for r in rb] == [r["step"] for r in common.read_jsonl(os.path.join(a, "rollouts.jsonl"))]
+    assert all(r["completion"] != "abandoned" for r in rb)
     assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=1e-5)
 
 
