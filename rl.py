@@ -676,13 +676,7 @@ def check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_siz
             probe["seqs"].append({"prompt_ids": c.prompt_token_ids, "completion_ids": c.token_ids, "where": where,
                                   "served": c.logprobs, "old_logp": [0.0] * len(c.token_ids), "weight": 0.0,
                                   "advantage": 0.0})
-    if world_size > 1:
-        box = [probe]
-        torch.distributed.broadcast_object_list(box, src=0)
-        probe = box[0]
-    if "error" in probe:
-        raise RuntimeError(probe["error"])
-    seqs = probe["seqs"]
+    seqs = from_rank0(probe, world_size)["seqs"]
     at_t = sequence_logprobs(policy, tap, seqs, temperature, tokenizer.pad_token_id, args.pack_tokens)
     at_1 = sequence_logprobs(policy, tap, seqs, 1.0, tokenizer.pad_token_id, args.pack_tokens)
     for s, lt, l1 in zip(seqs, at_t, at_1):
@@ -963,6 +957,18 @@ def save_checkpoint(path, model, tokenizer, opt, state, args, rank, world_size):
         for d in steps[:-args.keep_last] if args.keep_last > 0 else []:
             shutil.rmtree(os.path.join(args.output_dir, d), ignore_errors=True)
     _barrier(world_size)
+
+
+def from_rank0(obj, world_size):
+    """Rank 0's dict on every rank (a broadcast when there are several); {"error": message} raises the
+    same RuntimeError on all of them, so that every rank saves and stops together."""
+    if world_size > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        obj = box[0]
+    if "error" in obj:
+        raise RuntimeError(obj["error"])
+    return obj
 
 
 def _barrier(world_size):
@@ -1262,12 +1268,7 @@ def main(args):
                     payload = {"error": str(e)}
                     if world_size == 1:
                         raise
-            if world_size > 1:
-                box = [payload]
-                torch.distributed.broadcast_object_list(box, src=0)
-                payload = box[0]
-                if "error" in payload:
-                    raise RuntimeError(payload["error"])
+            payload = from_rank0(payload, world_size)
 
             # ---- train, then push the weights (colocated vLLM sleeps meanwhile unless --no-vllm-sleep; the lock
             #      keeps the producer off)
