@@ -60,7 +60,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (`sft.py --preset tiny`) trained on; a 2-layer model does not generalize addition to unseen pairs in minutes.
 TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_rl.jsonl"), max_problems=16,
             problems_per_step=8, samples_per_problem=8, max_new_tokens=24, temperature=0.7, top_p=1.0, top_k=0,
-            engine="hf", device="cpu", lr=1e-4, warmup_steps=3, max_steps=16, max_lag=1, pack_tokens=4096,
+            engine="hf", device="cpu", lr=1e-4, warmup_steps=3, max_steps=24, max_lag=1, pack_tokens=4096,
             gradient_checkpointing=False, reward="answer", rc_summarizer="policy", rc_summary_tokens=24,
             save_every=0, output_dir="runs/rl-tiny", log_rollouts=2,
             prompt="none",  # the tiny SFT data's user turn is the bare problem
