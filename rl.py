@@ -189,7 +189,8 @@ def get_args(argv=None):
                    "on CUDA, fp32 on CPU. Weights and AdamW state stay fp32 (lr 1e-6 updates vanish in bf16)")
     p.add_argument("--pack-tokens", type=int, default=65536, help="tokens per packed micro-batch (a longer sequence "
                    "gets one of its own)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer in the backward (needed for 49k-token rollouts)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning. vLLM gets only the adapter "
                    "after each step (remote servers: start them with --enable-lora --max-lora-rank R and "
                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as the module docstring shows)")
