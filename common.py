@@ -326,9 +326,13 @@ def load_rows(source, *, split="train", config=None):
             if len(ds) == 0:
                 raise InputError(f"data file {source} holds no rows")
             return ds
-        rows = _read_local_rows(source)
+        rows = _read_local_rows(source)  # every line parses: the errors above name the file and line
         try:
             return datasets.Dataset.from_list(rows)
+        except Exception:  # Arrow could not unify the rows' types; datasets' json reader may (it casts more)
+            pass
+        try:
+            return datasets.load_dataset("json", data_files=source, split="train")
         except Exception as e:  # e.g. a column holding a number in one row and a list in another
             raise InputError(f"data file {source}: rows do not share one column layout ({type(e).__name__}: "
                              f"{str(e)[:200]}); make each column hold one type") from None
