@@ -1308,13 +1308,13 @@ def main(args):
             sync_s = time.time() - t_sync - sync_wait_s  # the push itself; sync_wait_s = waiting for the engine
             if rank == 0:
                 ro.grant(1)  # one more batch may start, with the new weights
-            if world_size > 1:
-                sums[6:] = sums[6:].neg()
-                torch.distributed.all_reduce(sums)  # sums over ranks; the two maxima via -min of negatives
-                extra = torch.tensor([train_tokens], dtype=torch.float64)
-                torch.distributed.all_reduce(extra)
-                train_tokens = int(extra.item())
-                sums[6:] = sums[6:].neg()
+            if world_size > 1:  # sums over ranks (and the token count), the two maxima as maxima; NCCL wants CUDA
+                head = torch.cat([sums[:6], torch.tensor([float(train_tokens)], dtype=torch.float64)]).to(device)
+                tail = sums[6:].to(device)
+                torch.distributed.all_reduce(head)
+                torch.distributed.all_reduce(tail, op=torch.distributed.ReduceOp.MAX)
+                sums = torch.cat([head[:6], tail]).cpu()
+                train_tokens = int(head[6].item())
                 sums[5] /= world_size  # each rank's loss carried the x world_size of training_sequences
 
             # ---- log
@@ -1344,7 +1344,7 @@ def main(args):
                        f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {train_s:.1f}s sync "
                        f"{sync_s:.1f}s (+{sync_wait_s:.1f}s wait) | dt {m['step_s']:.1f}s")
             state["step"] = step
-            signalled = torch.tensor([float(stop["signal"])])
+            signalled = torch.tensor([float(stop["signal"])], device=device)
             if world_size > 1:  # every rank stops at the same step
                 torch.distributed.all_reduce(signalled, op=torch.distributed.ReduceOp.MAX)
             if signalled.item() or (args.save_every and step % args.save_every == 0 and step < stop_at):

@@ -741,6 +741,8 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
     m1, m2 = common.read_jsonl(os.path.join(one, "metrics.jsonl")), common.read_jsonl(os.path.join(two, "metrics.jsonl"))
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
     assert [m["entropy"] for m in m1] == pytest.approx([m["entropy"] for m in m2], rel=1e-4)
+    for k in ("ratio_max", "ratio_min", "train_tokens"):  # maxima reduced as maxima, not summed over ranks
+        assert [m[k] for m in m1] == pytest.approx([m[k] for m in m2], rel=1e-4), k
 
 
 # ---------------------------------------------------------------------------------------------
