@@ -53,6 +53,13 @@ def writable_path(path, flag, folder=False):
     return path
 
 
+def changed_flags(old, new, free=()):
+    """['--flag: old -> new', ...] for the flags (keys of two vars(args) dicts) outside `free` whose
+    values differ: what a resume with other settings names (sft.py, rl.py)."""
+    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in free and old.get(k) != new.get(k)]
+
+
 def exit_on_signals():
     """SIGTERM (what Slurm sends before a job's end) and SIGINT end the process with status 128 + the
     signal, for stages whose results are already on disk as they are produced (rc_decode, eval, judge)."""

@@ -984,12 +984,6 @@ RESUME_FREE = {"resume", "overwrite", "stop_after", "save_every", "keep_last", "
                "judge_retries", "device"}
 
 
-def changed_flags(old, new):
-    """['--flag: old -> new', ...] for the flags outside RESUME_FREE whose values differ."""
-    return [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in RESUME_FREE and old.get(k) != new.get(k)]
-
-
 def prepare_output_dir(args, rank, world_size):
     """The checkpoint to resume from (or None); refuses to overwrite a run unless asked, and to resume one
     with other settings (naming each changed flag)."""
@@ -999,7 +993,7 @@ def prepare_output_dir(args, rank, world_size):
             raise common.InputError(f"--resume: no checkpoint in {args.output_dir} (no 'latest' file); run without "
                                     "--resume")
         with open(os.path.join(args.output_dir, "args.json")) as f:
-            diff = changed_flags(json.load(f), vars(args))
+            diff = common.changed_flags(json.load(f), vars(args), RESUME_FREE)
         if diff:
             raise common.InputError(f"--resume: {args.output_dir} was made with other settings ({'; '.join(diff)}); "
                                     "rerun with the original flags, or start a new run in another --output-dir")

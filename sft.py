@@ -488,8 +488,7 @@ def prepare_output_dir(args, rank, world_size):
     if args.resume:
         with open(args_file) as f:
             old, new = json.load(f), vars(args)
-        diff = [f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                if k not in RESUME_FREE_ARGS and old.get(k) != new.get(k)]
+        diff = common.changed_flags(old, new, RESUME_FREE_ARGS)
         if diff:
             raise ValueError(f"--resume: {args_file} was written with other settings ({'; '.join(diff)}); rerun "
                              "with the original flags, or start a new run in another --output-dir")
