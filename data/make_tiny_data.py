@@ -1,13 +1,20 @@
 """Writes the small bundled data files the `--preset tiny` runs and the tests use, in the real
 datasets' column layouts, from a fixed seed (rerun it to regenerate; the output is deterministic).
 
-The task is verifiable and tiny-model sized: add two small integers and put the result in \\boxed{}.
+The task is a lookup a 2-layer model can learn to generalize in minutes: a problem lists four to
+seven letters with one digit among them ("Which digit is in k h t p x 4 f?") and the answer is that
+digit, in \\boxed{}. Every letter and digit is one token of the Qwen3 tokenizer, so the answer is a
+token of the problem found by what it is (attention to the one digit, then a copy), not a fact to
+memorize: a model that learned the rule solves problems it never saw. The three files hold disjoint
+problems (no problem text in two of them).
 - tiny_sft.jsonl   FineProofs-SFT layout (problem, reasoning_content, proof, messages, category,
-                   competition, source, gemini-3-pro-grade, qwen3-4b-thinking-reward@128)
+                   competition, source, gemini-3-pro-grade, qwen3-4b-thinking-reward@128); `problem`
+                   and the user turn are the problem in prompts/answerbench.txt, the task prompt rl.py's
+                   and eval.py's tiny presets wrap the RL and eval problems in
 - tiny_rl.jsonl    FineProofs-RL layout (problem, source, rubrics, scores, rewards, reward_mean,
                    reward_std) plus an `answer` column, so rewards come from the final-answer grader
 - tiny_eval.jsonl  IMO-AnswerBench layout (Problem ID, Problem, Short Answer, Category, Subcategory,
-                   Source), held-out pairs
+                   Source): the held-out problems the quick start evaluates
 
     python data/make_tiny_data.py
 """
@@ -17,12 +24,37 @@ import os
 import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUBRIC = ("7 points: the final answer in \\boxed{} equals the correct sum. "
+ROOT = os.path.dirname(HERE)
+LETTERS = "bcdfghjkmnpqrstvwxyz"  # each " x" is one Qwen3 token (no vowels: no accidental words)
+DIGITS = "0123456789"
+MIN_LETTERS, MAX_LETTERS = 4, 7
+SIZES = {"sft": 512, "rl": 256, "eval": 64}
+RUBRIC = ("7 points: the final answer in \\boxed{} is the digit of the list. "
           "0 points: any other answer or no boxed answer.")
 
 
-def problem_text(a, b):
-    return f"Compute {a} + {b}. Put the final answer in \\boxed{{}}."
+def make_problem(rng):
+    """(problem text, thinking, answer digit) of one random problem."""
+    symbols = rng.sample(LETTERS, rng.randint(MIN_LETTERS, MAX_LETTERS))
+    digit = rng.choice(DIGITS)
+    symbols.insert(rng.randint(0, len(symbols)), digit)
+    return f"Which digit is in {' '.join(symbols)}?", f"The digit is {digit}.", digit
+
+
+def task_text(problem):
+    """The problem in the answer task prompt (prompts/answerbench.txt), as eval.py and rl.py send it."""
+    with open(os.path.join(ROOT, "prompts", "answerbench.txt")) as f:
+        return f.read().strip().replace("{problem}", problem)
+
+
+def distinct_problems(rng, n, seen):
+    out = []
+    while len(out) < n:
+        p = make_problem(rng)
+        if p[0] not in seen:
+            seen.add(p[0])
+            out.append(p)
+    return out
 
 
 def write(name, rows):
@@ -31,27 +63,27 @@ def write(name, rows):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def sft_row(problem, thinking, answer):
+    proof, problem = f"\\boxed{{{answer}}}", task_text(problem)
+    return {"problem": problem, "reasoning_content": thinking, "proof": proof,
+            "messages": [{"role": "user", "content": problem},
+                         {"role": "assistant", "content": f"<think>\n{thinking}\n</think>\n\n{proof}"}],
+            "category": "lookup", "competition": "tiny", "source": "synthetic",
+            "gemini-3-pro-grade": 7, "qwen3-4b-thinking-reward@128": 1.0}
+
+
 def main():
-    rng = random.Random(0)
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    rng.shuffle(pairs)
-    eval_pairs, train_pairs = pairs[:20], pairs[20:]
-    sft = []
-    for a, b in train_pairs[:48]:
-        problem, thinking, proof = problem_text(a, b), f"{a} plus {b} is {a + b}.", f"\\boxed{{{a + b}}}"
-        sft.append({"problem": problem, "reasoning_content": thinking, "proof": proof,
-                    "messages": [{"role": "user", "content": problem},
-                                 {"role": "assistant", "content": f"<think>\n{thinking}\n</think>\n\n{proof}"}],
-                    "category": "arithmetic", "competition": "tiny", "source": "synthetic",
-                    "gemini-3-pro-grade": 7, "qwen3-4b-thinking-reward@128": 1.0})
-    rl = [{"problem": problem_text(a, b), "answer": str(a + b), "source": "synthetic", "rubrics": RUBRIC,
-           "scores": [], "rewards": [], "reward_mean": 0.0, "reward_std": 0.0} for a, b in train_pairs]
-    ev = [{"Problem ID": f"tiny-{i:03d}", "Problem": problem_text(a, b), "Short Answer": str(a + b),
-           "Category": "Algebra", "Subcategory": "arithmetic", "Source": "synthetic"}
-          for i, (a, b) in enumerate(eval_pairs)]
-    write("tiny_sft.jsonl", sft)
-    write("tiny_rl.jsonl", rl)
-    write("tiny_eval.jsonl", ev)
+    rng, seen = random.Random(0), set()
+    ev = distinct_problems(rng, SIZES["eval"], seen)  # drawn first: the held-out set
+    rl = distinct_problems(rng, SIZES["rl"], seen)
+    sft = distinct_problems(rng, SIZES["sft"], seen)
+    write("tiny_sft.jsonl", [sft_row(*p) for p in sft])
+    write("tiny_rl.jsonl", [{"problem": problem, "answer": answer, "source": "synthetic", "rubrics": RUBRIC,
+                             "scores": [], "rewards": [], "reward_mean": 0.0, "reward_std": 0.0}
+                            for problem, _, answer in rl])
+    write("tiny_eval.jsonl", [{"Problem ID": f"tiny-{i:03d}", "Problem": problem, "Short Answer": answer,
+                               "Category": "Lookup", "Subcategory": "pairs", "Source": "synthetic"}
+                              for i, (problem, _, answer) in enumerate(ev)])
     print(f"wrote {len(sft)} SFT rows, {len(rl)} RL rows, {len(ev)} eval rows to {HERE}")
 
 

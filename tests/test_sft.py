@@ -147,14 +147,14 @@ def test_lr_schedule():
 
 
 def test_overlong_rows_dropped_or_truncated(tokenizer):
-    args = sft.parse_args(["--preset", "tiny", "--max-length", "42"])
+    args = sft.parse_args(["--preset", "tiny", "--max-length", "52"])
     ex, stats = sft.load_examples(args, tokenizer)
-    assert stats["dropped_overlong"] > 0 and stats["kept"] == len(ex) == 48 - stats["dropped_overlong"]
-    assert all(len(i) <= 42 for i, _ in ex)
-    args = sft.parse_args(["--preset", "tiny", "--max-length", "42", "--overlong", "truncate"])
+    assert stats["dropped_overlong"] > 0 and stats["kept"] == len(ex) == 512 - stats["dropped_overlong"]
+    assert all(len(i) <= 52 for i, _ in ex)
+    args = sft.parse_args(["--preset", "tiny", "--max-length", "52", "--overlong", "truncate"])
     ex, stats = sft.load_examples(args, tokenizer)
-    assert stats["dropped_overlong"] == 0 and stats["truncated"] > 0 and len(ex) == 48
-    assert max(len(i) for i, _ in ex) == 42 and all(len(i) == len(m) for i, m in ex)
+    assert stats["dropped_overlong"] == 0 and stats["truncated"] > 0 and len(ex) == 512
+    assert max(len(i) for i, _ in ex) == 52 and all(len(i) == len(m) for i, m in ex)
 
 
 # ---------------------------------------------------------------------------------------------
