@@ -92,7 +92,7 @@ TINY_DATA = os.path.join(HERE, "data", "tiny_eval.jsonl")
 
 TINY = dict(model="", benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
             scaffold="direct", n=2, limit=-1, max_tokens=20, turns=2, summary_tokens=16, verify_tokens=16,
-            n_proofs=2, n_verify=1, rounds=1, chunk_size=6, out_dir=os.path.join("runs", "eval-tiny"))
+            n_proofs=2, n_verify=1, rounds=1, chunk_size=64, out_dir=os.path.join("runs", "eval-tiny"))
 
 
 def build_parser():

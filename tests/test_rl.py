@@ -764,7 +764,7 @@ def held_out_reward(model_dir, samples=2):
     return sum(answer_reward(o.text, rows[i // samples]["Short Answer"]) for i, o in enumerate(outs)) / len(outs)
 
 
-def test_quick_start_rl_beats_sft_on_held_out_problems(tiny_model_dir, tmp_path):
+def test_quick_start_learns_held_out_problems(tiny_model_dir, tmp_path):
     sft_out, rl_out = str(tmp_path / "sft"), str(tmp_path / "rl")
     r = subprocess.run([sys.executable, "sft.py", "--preset", "tiny", "--model", tiny_model_dir, "--output-dir",
                         sft_out], cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -774,6 +774,7 @@ def test_quick_start_rl_beats_sft_on_held_out_problems(tiny_model_dir, tmp_path)
     assert len(curve) == rl.TINY["max_steps"] and os.path.exists(os.path.join(rl_out, "reward_curve.png"))
     scores = [held_out_reward(d) for d in (tiny_model_dir, os.path.join(sft_out, "final"), os.path.join(rl_out, "final"))]
     random_model, sft_model, rl_model = scores
-    # measured on 2026-12-01 (seed 0): 0.344 for SFT, 0.414 for RL
+    # measured on 2026-12-01 (seed 0): 0.0 random, 0.344 SFT, 0.414 RL. RL over SFT is not asserted: eval.py's
+    # sampling seeds on the same checkpoints gave 40.6 (SFT) and 35.9 (RL), so that gap is sampling noise
     assert random_model < 0.05 and sft_model > random_model + 0.2, (scores, curve)
-    assert rl_model > sft_model + 0.05, (scores, curve)
+    assert rl_model > random_model + 0.2, (scores, curve)  # RL keeps what SFT learned (lr 1e-3 collapsed it)
