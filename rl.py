@@ -50,6 +50,7 @@ import torch
 import common
 import rc_decode
 from common import print0
+from kernels import POLICY_RULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -146,9 +147,11 @@ def get_args(argv=None):
     p.add_argument("--judge-failures", choices=["zero", "skip"], default="zero", help="a grade still failed after "
                    "retries: zero = reward 0, trained and counted (released); skip = drop its group (counted)")
     # ---- loss
-    p.add_argument("--loss", choices=["truncate", "ppo"], default="ppo",
-                   help="ppo: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) (released, eps 4 both sides: only A > 0 "
-                   "tokens with r > 5 lose their gradient); truncate: -min(r, ratio_cap).detach() * A * logp")
+    p.add_argument("--loss", choices=sorted(POLICY_RULES), default="ppo",
+                   help="the policy-gradient rule (kernels/policy_rules.py). ppo: -min(r A, clip(r, 1 - clip_low, "
+                   "1 + clip_high) A) (released, eps 4 both sides: only A > 0 tokens with r > 5 lose their gradient); "
+                   "truncate: -min(r, ratio_cap).detach() * A * logp; cispo: -clip(r, 1 - clip_low, 1 + clip_high)"
+                   ".detach() * A * logp")
     p.add_argument("--ratio-cap", type=float, default=2.0, help="cap of the truncated importance ratio (--loss truncate)")
     p.add_argument("--clip-low", type=float, default=4.0, help="ppo lower epsilon (>= 1: the lower bound never binds)")
     p.add_argument("--clip-high", type=float, default=4.0, help="ppo upper epsilon (0.2 = PPO; 0.28 = DAPO's clip-higher)")

@@ -95,6 +95,30 @@ def test_policy_loss_variants_match_hand_computation(variant):
         assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
 
 
+def test_cispo_keeps_the_gradient_of_clipped_tokens():
+    """The README's worked example of a new rule (kernels/policy_rules.py): CISPO's weight is
+    clamp(r, 1 - lo, 1 + hi), detached, so a clipped token still moves: dloss/dlogp_t = -w_t clamp(r_t) A_t."""
+    ratios = [3.0, 1.1, 0.7]  # token 0 above 1 + 0.28, token 2 below 1 - 0.2
+    flags = ["--temperature", "1.0", "--entropy-coef", "0", "--clip-low", "0.2", "--clip-high", "0.28"]
+    for loss_name in ("cispo", "ppo"):
+        args = rl.get_args(["--loss", loss_name, *flags])
+        mb, hidden, weight, logp = hand_batch("seq-sum", ratios=ratios)
+        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss.backward()
+        g = hidden.grad
+        assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
+        if loss_name == "cispo":
+            a = [ADV[0], ADV[0], ADV[1]]
+            expect = [-(1 / 4) * min(max(r, 0.8), 1.28) * a[t] for t, r in enumerate(ratios)]
+            expected = sum(e * lp_t for e, lp_t in zip(expect, logp))
+            assert loss.item() == pytest.approx(expected, rel=1e-5)
+            # d loss / d hidden_t = expect_t * (onehot(target_t) - p_t): every token moves, the clipped ones too
+            onehot = torch.eye(4)[TARGETS]
+            assert torch.allclose(g, torch.tensor(expect)[:, None] * (onehot - torch.tensor(P)), atol=1e-6)
+        else:  # ppo drops both clipped tokens' gradients
+            assert torch.all(g[0] == 0) and torch.all(g[2] == 0) and g[1].abs().sum() > 0
+
+
 def test_recipe_defaults():
     """The bare command is the released config (training/conf/qed_nano_rl.yaml, qed_nano_rc.yaml, finetune/base.yaml)."""
     a = rl.get_args([])
