@@ -26,21 +26,19 @@ trainer_state.json), final/ (the trained model; LoRA: the adapter, plus final-me
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
-import random
 import resource
-import shutil
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import common
+from checkpoint import barrier
 from common import print0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -358,13 +356,7 @@ def lr_at(step, *, peak, total, warmup_ratio, min_ratio=0.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints: a Hugging Face export plus per-rank resume state (safetensors + JSON, no pickle)
-
-
-def local(t):
-    """A CPU copy of the local shard of a (possibly FSDP2-sharded DTensor) tensor."""
-    t = (t.to_local() if hasattr(t, "to_local") else t).detach()
-    return t.cpu() if t.is_cuda else t.clone()  # own storage: safetensors refuses shared tensors
+# checkpoints: checkpoint.py's format; the Hugging Face export is this stage's own
 
 
 def export_hf(model, tokenizer, path, rank, world_size, dtype):
@@ -387,130 +379,6 @@ def export_hf(model, tokenizer, path, rank, world_size, dtype):
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items() if k not in tied}
     lm.save_pretrained(path, state_dict=sd, safe_serialization=True)
     tokenizer.save_pretrained(path)
-
-
-def save_checkpoint(path, step, model, opt, tokenizer, args, extra, rank, world_size, dtype, resumable=True):
-    """Write checkpoint folder `path` atomically: a temp folder, renamed once every rank has written."""
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "resume") if resumable else tmp)
-    barrier(world_size)
-    export_hf(model, tokenizer, tmp, rank, world_size, dtype)
-    if resumable:
-        tensors = {"model." + n: local(p) for n, p in model.named_parameters() if p.requires_grad}
-        osd, meta = opt.state_dict(), {}
-
-        def flatten(key, v):  # "optim.<param index>/<key>[/<nested key>]" (bitsandbytes nests dicts)
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    flatten(f"{key}/{k}", x)
-            elif torch.is_tensor(v):
-                tensors[key] = local(v)
-            else:
-                meta[key] = json.dumps(v)
-
-        for idx, st in osd["state"].items():
-            flatten(f"optim.{idx}", st)
-        tensors["rng.torch_cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
-        np_state = np.random.get_state()
-        meta.update(param_groups=json.dumps(osd["param_groups"]), python_rng=json.dumps(random.getstate()),
-                    numpy_rng=json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]))
-        save_file(tensors, os.path.join(tmp, "resume", f"rank{rank:05d}.safetensors"), metadata=meta)
-    barrier(world_size)
-    if rank == 0:
-        state = dict(step=step, rows_consumed=step * args.global_batch_size, world_size=world_size,
-                     args=vars(args), **extra)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks it complete
-            json.dump(state, f, indent=1)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    barrier(world_size)
-
-
-def load_resume_state(path, model, opt, rank):
-    """Restore this rank's trainable weights, optimizer state and RNG states from checkpoint `path`."""
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
-
-    with safe_open(os.path.join(path, "resume", f"rank{rank:05d}.safetensors"), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if k.startswith("model."):
-                p = params[k.removeprefix("model.")]
-                (p.to_local() if isinstance(p, DTensor) else p).copy_(v)
-    by_idx = [p for g in opt.param_groups for p in g["params"]]
-    state = {}
-    for k, v in list(tensors.items()) + [(k, json.loads(s)) for k, s in meta.items()]:
-        if not k.startswith("optim."):
-            continue
-        head, *parents, name = k.split("/")
-        idx = int(head.removeprefix("optim."))
-        p = by_idx[idx]
-        if torch.is_tensor(v) and isinstance(p, DTensor) and v.dim() > 0:  # back to the parameter's sharding
-            v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                   shape=p.shape, stride=p.stride())
-        d = state.setdefault(idx, {})
-        for part in parents:
-            d = d.setdefault(part, {})
-        d[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
-    py, npy = json.loads(meta["python_rng"]), json.loads(meta["numpy_rng"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
-
-
-def checkpoints(out):
-    """Completed resumable checkpoints in `out`, oldest first."""
-    names = sorted(n for n in os.listdir(out) if n.startswith("step_") and not n.endswith(".tmp")) \
-        if os.path.isdir(out) else []
-    return [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n, "trainer_state.json"))]
-
-
-def prepare_output_dir(args, rank, world_size):
-    """Check --output-dir against --resume / --overwrite; returns the checkpoint to resume from (or None)."""
-    out, args_file = args.output_dir, os.path.join(args.output_dir, "args.json")
-    if os.path.exists(args_file) and not (args.resume or args.overwrite):
-        raise ValueError(f"--output-dir {out!r} already holds a run ({args_file}); pass --resume to continue it, "
-                         "--overwrite to delete it and start over, or choose another --output-dir")
-    ckpt = None
-    if args.resume and not os.path.exists(args_file):
-        raise common.InputError(f"--resume: {out!r} holds no run (no {args_file}); drop --resume to start one there")
-    if args.resume:
-        with open(args_file) as f:
-            old, new = json.load(f), vars(args)
-        diff = common.changed_flags(old, new, RESUME_FREE_ARGS)
-        if diff:
-            raise ValueError(f"--resume: {args_file} was written with other settings ({'; '.join(diff)}); rerun "
-                             "with the original flags, or start a new run in another --output-dir")
-        ckpt = (checkpoints(out) or [None])[-1]
-        if ckpt:
-            with open(os.path.join(ckpt, "trainer_state.json")) as f:
-                saved = json.load(f)["world_size"]
-            if saved != world_size:
-                raise ValueError(f"--resume: {ckpt} was written by {saved} processes, this run has {world_size}; "
-                                 "resume with the same number (the optimizer state is sharded per rank)")
-    barrier(world_size)  # every rank has checked before rank 0 rewrites args.json
-    if rank == 0:
-        if args.overwrite and os.path.isdir(out):
-            for name in os.listdir(out):
-                if name in ("args.json", "metrics.jsonl", "final", "final-merged") or name.startswith("step_"):
-                    p = os.path.join(out, name)
-                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-        os.makedirs(out, exist_ok=True)
-        with open(args_file, "w") as f:
-            json.dump(vars(args), f, indent=1)
-    barrier(world_size)
-    return ckpt
 
 
 def merge_lora(args, adapter_dir, tokenizer):
@@ -568,11 +436,6 @@ def train_step(model, opt, trainable, batches, total_tokens, device, world_size,
 # distributed helpers and throughput bookkeeping
 
 
-def barrier(world_size):
-    if world_size > 1:
-        dist.barrier()
-
-
 def all_sum(x, world_size, device):
     """Sum of a number (or 0-dim tensor) over ranks, as a Python float (NCCL wants it on the GPU)."""
     t = torch.as_tensor(x, dtype=torch.float64).to(device)
@@ -615,7 +478,7 @@ def train(args):
 
 
 def _train(args, rank, world_size, device, stop):
-    resume_from = prepare_output_dir(args, rank, world_size)
+    resume_from = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE_ARGS)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     done = os.path.join(args.output_dir, "final", "trainer_state.json")
     if args.resume and os.path.exists(done):
@@ -682,22 +545,17 @@ def _train(args, rank, world_size, device, stop):
     # ---- resume
     start = 0
     if resume_from:
-        load_resume_state(resume_from, model, opt, rank)
-        with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            start = json.load(f)["step"]
+        start = checkpoint.load(resume_from, model, opt, rank)["step"]
         print0(f"resumed from {resume_from} at step {start} ({start * args.global_batch_size} conversations done)")
-    if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint: they are redone
-        recs = [r for r in common.read_jsonl(metrics_path) if r.get("step", 0) <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+    if rank == 0:  # forget steps logged after the checkpoint: they are redone
+        checkpoint.forget_after(start, metrics_path)
     history = []
 
-    def checkpoint(step, path, resumable=True):
-        save_checkpoint(path, step, model, opt, tokenizer, args, dict(data=stats, last=history[-1:]), rank,
-                        world_size, compute_dtype, resumable=resumable)
-        if rank == 0 and resumable and args.keep_last > 0:
-            for old in checkpoints(args.output_dir)[:-args.keep_last]:
-                shutil.rmtree(old)
+    def save(step, path, resumable=True):
+        state = dict(step=step, rows_consumed=step * args.global_batch_size, data=stats, last=history[-1:])
+        checkpoint.save(path, export=lambda folder: export_hf(model, tokenizer, folder, rank, world_size, compute_dtype),
+                        model=model, opt=opt, args=args, state=state, rank=rank, world_size=world_size,
+                        resumable=resumable, keep_last=args.keep_last)
         print0(f"saved {path}")
 
     # ---- loop
@@ -738,18 +596,18 @@ def _train(args, rank, world_size, device, stop):
                 wandb_run.log(rec, step=step + 1)
         stop_now = all_sum(stop["signal"] is not None, world_size, device) > 0  # all ranks stop together
         if stop_now or step + 1 == args.stop_after:
-            checkpoint(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
+            save(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
             why = f"signal {stop['signal']}" if stop_now else f"--stop-after {args.stop_after}"
             print0(f"stopped after step {step + 1} ({why}); continue with the same command plus --resume")
             if stop_now:
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
             return dict(model=model, history=history)
         if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last:
-            checkpoint(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
+            save(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
 
     # ---- the trained model
     final = os.path.join(args.output_dir, "final")
-    checkpoint(args.max_steps, final, resumable=False)
+    save(args.max_steps, final, resumable=False)
     if args.merge_lora and rank == 0:
         merge_lora(args, final, tokenizer)
     if wandb_run:
