@@ -146,6 +146,11 @@ def checkpoints(out):
     return [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n, "trainer_state.json"))]
 
 
+def finished(out):
+    """Whether the run in `out` saved its final model (a --resume of it has nothing left to do)."""
+    return os.path.exists(os.path.join(out, "final", "trainer_state.json"))
+
+
 def _old_format(out):
     """A folder an rl.py of before the shared format wrote (state.json, optim_rank<r>.safetensors)."""
     marker = os.path.join(out, "latest")

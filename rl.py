@@ -47,8 +47,10 @@ from functools import lru_cache
 
 import torch
 
+import checkpoint
 import common
 import rc_decode
+from checkpoint import barrier
 from common import print0
 from kernels import POLICY_RULES
 
@@ -901,66 +903,26 @@ class VLLMServerSync(rc_decode.VLLMWeightSync):
 # Checkpoints: Hugging Face layout + resume state (optimizer shards as safetensors: no pickles)
 
 
-def optimizer_tensors(opt, model):
-    from torch.distributed.tensor import DTensor
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {f"{names[id(p)]}::{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-            for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v)}
-
-
-def load_optimizer_tensors(opt, model, tensors):
-    from torch.distributed.tensor import DTensor
-
-    by_param = {}
-    for key, v in tensors.items():
-        name, k = key.split("::", 1)
-        by_param.setdefault(name, {})[k] = v
-    for name, p in model.named_parameters():
-        st = by_param.get(name)
-        if not st:
-            continue
-        for k, v in st.items():
-            if isinstance(p, DTensor) and v.dim() > 0:
-                if tuple(v.shape) != tuple(p.to_local().shape):
-                    raise ValueError(f"--resume: the optimizer shard of {name} has shape {tuple(v.shape)} but this "
-                                     f"run's is {tuple(p.to_local().shape)}: resume with the same number of processes")
-                st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
-            elif v.dim() > 0:
-                st[k] = v.to(p.device)
-        opt.state[p] = st
+def save_checkpoint(path, policy, tokenizer, opt, state, args, rank, world_size, resumable=True):
+    """checkpoint.py's format; the export is in the compute dtype (bf16 on GPUs, what vLLM serves), the
+    resume state keeps the fp32 master weights. state: {"step", "next_batch"}."""
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    checkpoint.save(path, export=lambda folder: export_hf(policy, tokenizer, folder, rank, dtype), model=policy,
+                    opt=opt, args=args, state=state, rank=rank, world_size=world_size, resumable=resumable,
+                    keep_last=args.keep_last)
 
 
-def save_checkpoint(path, model, tokenizer, opt, state, args, rank, world_size):
-    """<path>/: the model (or the LoRA adapter) via save_pretrained, tokenizer, state.json (step, data
-    position, args), rng.safetensors, optim_rank<r>.safetensors. Written to <path>.tmp, then renamed."""
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
-    sd = None if args.lora_r else full_state_dict(model)
+def export_hf(policy, tokenizer, folder, rank, dtype):
+    """save_pretrained of the policy gathered from all ranks (a collective), in `dtype`; LoRA: the adapter."""
+    if hasattr(policy, "peft_config"):
+        if rank == 0:
+            policy.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        return
+    sd = full_state_dict(policy)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if args.lora_r:
-            model.save_pretrained(tmp)
-        else:
-            unwrap(model).save_pretrained(tmp, state_dict={k: v.cpu() for k, v in sd.items()})
-        tokenizer.save_pretrained(tmp)
-        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({**state, "python_rng": list(random.getstate()[1]), "args": vars(args)}, f)
-    _barrier(world_size)
-    save_file(optimizer_tensors(opt, model) or {"_empty": torch.zeros(1)}, os.path.join(tmp, f"optim_rank{rank}.safetensors"))
-    _barrier(world_size)
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        with open(os.path.join(args.output_dir, "latest"), "w") as f:
-            f.write(os.path.basename(path))
-        steps = sorted(d for d in os.listdir(args.output_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in steps[:-args.keep_last] if args.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(args.output_dir, d), ignore_errors=True)
-    _barrier(world_size)
+        unwrap(policy).save_pretrained(folder, state_dict={k: v.to("cpu", dtype) for k, v in sd.items()})
+        tokenizer.save_pretrained(folder)
 
 
 def from_rank0(obj, world_size):
@@ -975,43 +937,11 @@ def from_rank0(obj, world_size):
     return obj
 
 
-def _barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
 # Flags a resumed run may change: where servers and judges live and how often to save or log. Every
 # other flag changes what the run trains on or how, so --resume with another value is refused.
 RESUME_FREE = {"resume", "overwrite", "stop_after", "save_every", "keep_last", "log_rollouts", "wandb_project",
                "servers", "nccl_master", "sync_dir", "judge_url", "judge_concurrency", "judge_timeout",
                "judge_retries", "device"}
-
-
-def prepare_output_dir(args, rank, world_size):
-    """The checkpoint to resume from (or None); refuses to overwrite a run unless asked, and to resume one
-    with other settings (naming each changed flag)."""
-    marker = os.path.join(args.output_dir, "latest")
-    if args.resume:
-        if not os.path.exists(marker):
-            raise common.InputError(f"--resume: no checkpoint in {args.output_dir} (no 'latest' file); run without "
-                                    "--resume")
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            diff = common.changed_flags(json.load(f), vars(args), RESUME_FREE)
-        if diff:
-            raise common.InputError(f"--resume: {args.output_dir} was made with other settings ({'; '.join(diff)}); "
-                                    "rerun with the original flags, or start a new run in another --output-dir")
-        return os.path.join(args.output_dir, open(marker).read().strip())
-    if os.path.exists(marker) and not args.overwrite:
-        raise common.InputError(f"{args.output_dir} already holds a run: pass --resume to continue it or --overwrite")
-    _barrier(world_size)
-    if rank == 0:
-        if args.overwrite:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    _barrier(world_size)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1145,7 +1075,10 @@ def main(args):
     if world_size > 1 and args.engine == "vllm":
         raise ValueError("under torchrun use --engine remote (vLLM servers) or --engine hf; colocated vLLM is "
                          "for python rl.py on one GPU")
-    ckpt = prepare_output_dir(args, rank, world_size)
+    ckpt = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE)
+    if args.resume and checkpoint.finished(args.output_dir):
+        print0(f"{args.output_dir} already finished (final/); nothing to do")
+        return
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     wandb = None
     if args.wandb_project and rank == 0:
@@ -1153,22 +1086,21 @@ def main(args):
 
         wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir)
 
-    # ---- tokenizer and model (a resumed full fine-tune reloads its checkpoint's weights)
+    # ---- tokenizer and model (a resume then restores the trained weights from the checkpoint)
     if args.model == common.TINY_MODEL_DIR and rank == 0:
         common.make_tiny_model()
-    _barrier(world_size)
-    start_from = ckpt if ckpt and not args.lora_r else args.model
+    barrier(world_size)
+    start_from = args.model
     tokenizer = common.load_tokenizer(args.tokenizer or start_from)
     policy = common.load_model(start_from, dtype=torch.float32, device=device)  # fp32 master weights
     common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or start_from)
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
     lora_scale = args.lora_alpha / args.lora_r if args.lora_r else 0.0
     if args.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
-        policy = PeftModel.from_pretrained(policy, ckpt, is_trainable=True) if ckpt else get_peft_model(
-            policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
-                               task_type="CAUSAL_LM"))
+        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                   target_modules=args.lora_targets, task_type="CAUSAL_LM"))
     snapshot = None
     if args.engine == "hf" and rank == 0:  # generation runs on a copy whose weights change only at sync points
         snap = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -1193,19 +1125,11 @@ def main(args):
                             eps=args.adam_eps, weight_decay=args.weight_decay)
     state = {"step": 0, "next_batch": 0}
     if ckpt:
-        from safetensors.torch import load_file
-
-        load_optimizer_tensors(opt, policy, load_file(os.path.join(ckpt, f"optim_rank{rank}.safetensors")))
-        saved = json.load(open(os.path.join(ckpt, "state.json")))
+        saved = checkpoint.load(ckpt, policy, opt, rank)
         state = {"step": saved["step"], "next_batch": saved["next_batch"]}
-        torch.set_rng_state(load_file(os.path.join(ckpt, "rng.safetensors"))["torch"])
-        random.setstate((3, tuple(saved["python_rng"]), None))
-        if rank == 0:  # rows logged after that checkpoint belong to the abandoned future: the resumed run redoes them
-            for path in (metrics_path, os.path.join(args.output_dir, "rollouts.jsonl")):
-                rows = [r for r in common.read_jsonl(path) if r.get("step", 0) <= state["step"]]
-                with open(path, "w") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         print0(f"resumed from {ckpt}: step {state['step']}, next batch {state['next_batch']}")
+    if rank == 0 and args.resume:  # rows logged after the checkpoint belong to the abandoned future: redone
+        checkpoint.forget_after(state["step"], metrics_path, os.path.join(args.output_dir, "rollouts.jsonl"))
 
     def lr_at(step):
         return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
@@ -1236,7 +1160,7 @@ def main(args):
         elif args.rc_turns and args.rc_summarizer != "policy":
             kind = "hf" if args.engine == "hf" else "vllm"
             summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
-    if ckpt and args.engine != "hf":  # the engine loaded the start weights: push the resumed ones
+    if ckpt:  # the engine (the hf snapshot too) holds the start weights: push the resumed ones
         push_weights(args, policy, engine, snapshot, lora_scale, state["step"], rank)
     if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
         check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size)
@@ -1364,7 +1288,8 @@ def main(args):
         if ro is not None:
             ro.stop()
     final = "final" if step >= args.max_steps else f"step_{step:05d}"
-    save_checkpoint(os.path.join(args.output_dir, final), policy, tokenizer, opt, state, args, rank, world_size)
+    save_checkpoint(os.path.join(args.output_dir, final), policy, tokenizer, opt, state, args, rank, world_size,
+                    resumable=final != "final")
     if rank == 0:
         plot_rewards(metrics_path, os.path.join(args.output_dir, "reward_curve.png"))
         print0(f"saved {os.path.join(args.output_dir, final)}")

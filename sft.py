@@ -480,9 +480,8 @@ def train(args):
 def _train(args, rank, world_size, device, stop):
     resume_from = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE_ARGS)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    done = os.path.join(args.output_dir, "final", "trainer_state.json")
-    if args.resume and os.path.exists(done):
-        print0(f"{args.output_dir} already finished ({done}); nothing to do")
+    if args.resume and checkpoint.finished(args.output_dir):
+        print0(f"{args.output_dir} already finished (final/); nothing to do")
         return None
     common.set_seed(args.seed)
     wandb_run = None

@@ -583,6 +583,35 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=1e-5)
 
 
+@pytest.mark.parametrize("extra", [["--kl-beta", "0.5"], ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2"]])
+def test_resume_keeps_the_start_policy_and_adapters(tiny_model_dir, tmp_path, extra):
+    """--kl-beta: the KL reference is the start policy on a resume too (it was the checkpoint's weights);
+    LoRA: the adapters come back from checkpoint.py's resume state."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", a, *RUN, *extra))
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--stop-after", "2", *RUN,
+                      *extra))
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN, *extra))
+    name = "adapter_model.safetensors" if "--lora-r" in extra else "model.safetensors"
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(os.path.join(out, "final", name)) for out in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (common.read_jsonl(os.path.join(out, "metrics.jsonl")) for out in (a, b))
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+
+
+def test_resume_of_the_old_checkpoint_format_says_so(tiny_model_dir, tmp_path):
+    out = tmp_path / "old"
+    args = tiny_args("--model", tiny_model_dir, "--output-dir", str(out), *RUN)
+    (out / "step_00002").mkdir(parents=True)
+    (out / "args.json").write_text(json.dumps(vars(args)))
+    (out / "latest").write_text("step_00002")
+    (out / "step_00002" / "state.json").write_text(json.dumps({"step": 2, "next_batch": 2}))
+    with pytest.raises(common.InputError, match="format of before.*--overwrite"):
+        rl.main(tiny_args("--model", tiny_model_dir, "--output-dir", str(out), "--resume", *RUN))
+
+
 def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path, monkeypatch):
     """The generation engine fails on the third batch (as a crashed vLLM server would): the run saves the two
     finished steps and stops with the error; --resume then ends where an uninterrupted run ends."""
@@ -602,7 +631,7 @@ def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path,
     with pytest.raises(RuntimeError, match="rollout generation failed.*generation server went away"):
         rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, *RUN))
     assert open(os.path.join(b, "latest")).read() == "step_00002"
-    assert json.load(open(os.path.join(b, "step_00002", "state.json")))["step"] == 2
+    assert json.load(open(os.path.join(b, "step_00002", "trainer_state.json")))["step"] == 2  # checkpoint.py's format
     monkeypatch.setattr(rc_decode.HFEngine, "generate", real)
     rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN))
     wa, wb = final_weights(a), final_weights(b)
