@@ -84,7 +84,7 @@ def _reseed(sampling, offset):
 # ---------------------------------------------------------------------------------------------
 # prompts: text files under prompts/, loaded by name; placeholders are {problem}, {summary}, ...
 
-_PLACEHOLDER = re.compile(r"\{(problem|summary|reasoning|proof|reviews)\}")
+PLACEHOLDERS = ("problem", "summary", "reasoning", "proof", "reviews")  # what prompts/*.txt may hold
 
 
 def load_prompt(name):
@@ -99,12 +99,7 @@ def load_prompt(name):
 def fill_prompt(name, **fields):
     """prompts/<name>.txt with each {field} replaced in one pass (text inside a field is never re-read
     as a placeholder, so LaTeX braces in a problem are safe). A template missing a field is an error."""
-    template = load_prompt(name)
-    present = set(_PLACEHOLDER.findall(template))
-    if present != set(fields):
-        raise ValueError(f"prompt {name!r} has placeholders {sorted(present)} but the code fills "
-                         f"{sorted(fields)}; fix prompts/{name}.txt")
-    return _PLACEHOLDER.sub(lambda m: fields[m.group(1)], template)
+    return common.fill_template(load_prompt(name), fields, known=PLACEHOLDERS, what=f"prompts/{name}.txt")
 
 
 def _user(text):

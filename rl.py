@@ -284,22 +284,6 @@ def load_problems(args):
 
 
 @lru_cache(maxsize=8)
-def _epoch_order(n, seed, epoch):
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def batch_rows(n_rows, batch_index, per_batch, seed):
-    """Row indices of batch `batch_index`: consecutive slices of a fresh shuffle per epoch, so the data
-    position is one integer (the next batch index)."""
-    out = []
-    for pos in range(batch_index * per_batch, (batch_index + 1) * per_batch):
-        epoch, i = divmod(pos, n_rows)
-        out.append(_epoch_order(n_rows, seed, epoch)[i])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The pieces of a step (pure functions; the tests call them directly)
 
@@ -537,7 +521,7 @@ def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, toke
     """One batch of groups (RC states first if --rc-turns), with sampling log-probs; grading started."""
     from rc_decode import Sampling, direct_messages, reasoning_messages, run_rc
 
-    rows = batch_rows(len(problems), index, args.problems_per_step, args.seed)
+    rows = common.epoch_rows(len(problems), args.seed, index * args.problems_per_step, args.problems_per_step)
     seed, n = args.seed * 1_000_003 + index * 7919, args.samples_per_problem
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=seed)
     t0 = time.time()

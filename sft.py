@@ -242,17 +242,6 @@ def n_loss_tokens(example):
     return sum(example[1][1:])
 
 
-@functools.lru_cache(maxsize=8)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def step_rows(step, n, global_batch, seed):
-    """Example indices of optimizer step `step`: a slice of an endless stream made of one seeded
-    shuffle per epoch. The data position is a function of the step: resuming needs no loader state."""
-    return [epoch_order(n, seed, i // n)[i % n] for i in range(step * global_batch, (step + 1) * global_batch)]
-
-
 def micro_batches(rows, lengths, rank, world_size, micro):
     """This rank's micro-batches (lists of example indices). Rows are sorted by length and dealt
     round-robin within each group of world * micro rows, so all ranks get similar work per micro-step."""
@@ -563,7 +552,7 @@ def _train(args, rank, world_size, device, stop):
     model.train()
     for step in range(start, args.max_steps):
         t0 = time.time()
-        rows = step_rows(step, len(train_ex), args.global_batch_size, args.seed)
+        rows = common.epoch_rows(len(train_ex), args.seed, step * args.global_batch_size, args.global_batch_size)
         total_tokens = sum(n_loss_tokens(train_ex[i]) for i in rows)  # of the whole global batch: every rank knows
         lr = lr_of(step)
         for g in opt.param_groups:

@@ -129,3 +129,23 @@ def test_hub_kernels_package_clash_is_named(tmp_path):
     p = subprocess.run([sys.executable, "-c", "import common"], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 1 and "InputError" in p.stderr  # the Python API: a ValueError subclass
+
+
+def test_fill_template_is_brace_safe_and_checks_placeholders():
+    out = common.fill_template(r"Prove: {problem}. Use \frac{a}{b}; answer in {proof}.",
+                               {"problem": "x^{2} {proof}", "proof": "P"}, known=("problem", "proof"), what="t.txt")
+    assert out == r"Prove: x^{2} {proof}. Use \frac{a}{b}; answer in P."  # a field's text is never re-read
+    with pytest.raises(common.InputError, match=r"t.txt has the placeholders \['problem'\] but the code fills "
+                                                r"\['problem', 'proof'\]"):
+        common.fill_template("{problem}", {"problem": "p", "proof": "q"}, known=("problem", "proof"), what="t.txt")
+    with pytest.raises(ValueError, match="fix t.txt"):  # a known placeholder nobody fills
+        common.fill_template("{problem} {proof}", {"problem": "p"}, known=("problem", "proof"), what="t.txt")
+
+
+def test_epoch_rows_is_one_shuffle_per_epoch_and_a_pure_function_of_the_position():
+    rows = common.epoch_rows(7, 3, 0, 21)
+    for e in range(3):
+        assert sorted(rows[7 * e:7 * (e + 1)]) == list(range(7))  # every row once per epoch
+    assert rows[:7] != rows[7:14]  # reshuffled each epoch
+    assert common.epoch_rows(7, 3, 5, 9) == rows[5:14]  # a resume at any position continues the stream
+    assert common.epoch_rows(7, 4, 0, 7) != rows[:7]  # the seed matters
