@@ -21,17 +21,20 @@ With --lora-r R only the adapter travels (through --sync-dir), so the servers in
 A step: a producer thread generates batches (64 problems x 16 rollouts) with the engine's current
 weights, tags every group with that policy version and starts grading it (judge calls run while the
 next batch generates). The trainer takes a batch, drops groups more than --max-lag versions old and
-groups whose rewards are all equal, sets advantage = reward - group mean and minimizes
-    loss = sum_t w_t * (-min(r_t, cap) * A * logp_t + beta * kl_t - entropy_coef * H_t),
+(with --drop-flat-groups) groups whose rewards are all equal, sets advantage = reward - group mean and
+minimizes
+    loss = sum_t w_t * (pg(r_t, A, logp_t) + beta * kl_t - entropy_coef * H_t),
     r_t = exp(logp_t - logp_sampler_t),  w_t = 1 / (sequences per step)  on completion tokens,
+where pg is the --loss rule of kernels/policy_rules.py (the released PPO clip with eps 4 by default),
 with kernels.linear_policy_loss on the final hidden states (no (tokens, vocab) logits), takes an AdamW
-step and pushes the weights to the engine. Output dir: args.json, metrics.jsonl (one record per step),
+step and pushes the weights to the engine. main() at the bottom is that loop. Output dir: args.json, metrics.jsonl (one record per step),
 rollouts.jsonl (a few samples per step), step_NNNNN/ and final/ (Hugging Face layout + resume state),
 reward_curve.png.
 """
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +46,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
 
@@ -283,7 +286,6 @@ def load_problems(args):
     return out, kind
 
 
-@lru_cache(maxsize=8)
 # ---------------------------------------------------------------------------------------------
 # The pieces of a step (pure functions; the tests call them directly)
 
@@ -983,13 +985,45 @@ def training_sequences(groups, args, nominal, world_size):
     return out
 
 
+@dataclass
+class TrainStats:
+    """One step's training statistics on this rank, by name. reduce() sums the fields over ranks (one
+    SUM all-reduce) except the max_* ones (one MAX all-reduce): a new statistic is a field here and the
+    line in train_step that adds to it."""
+    tokens: float = 0.0  # completion tokens with a weight (the sums below are over them)
+    entropy: float = 0.0
+    clipped: float = 0.0
+    ratio: float = 0.0
+    kl: float = 0.0
+    loss: float = 0.0  # the sum of this rank's micro-batch losses (each already x world_size)
+    train_tokens: float = 0.0  # prompt + completion tokens through the model
+    max_ratio: float = -1e30
+    max_neg_ratio: float = -1e30  # -min(ratio): the minimum, reduced as a maximum
+
+    def reduce(self, world_size, device):
+        """Totals over ranks, on the device (NCCL reduces CUDA tensors only)."""
+        if world_size == 1:
+            return self
+        names = [f.name for f in dataclasses.fields(self)]
+        for op, group in ((torch.distributed.ReduceOp.SUM, [n for n in names if not n.startswith("max_")]),
+                          (torch.distributed.ReduceOp.MAX, [n for n in names if n.startswith("max_")])):
+            t = torch.tensor([getattr(self, n) for n in group], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t, op=op)
+            for n, v in zip(group, t.tolist()):
+                setattr(self, n, v)
+        self.loss /= world_size  # each rank's loss carried the x world_size of training_sequences
+        return self
+
+
 class NonFiniteError(ArithmeticError):
     """A NaN/inf loss or gradient: the run stops without saving (its last checkpoint stays the last good one)."""
 
 
 def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad_id, device):
-    """--ppo-epochs optimizer steps over this rank's micro-batches. Returns (sums tensor, grad norm)."""
+    """--ppo-epochs optimizer steps over this rank's micro-batches. Returns (TrainStats of the first
+    pass, i.e. of the sampler's batch; grad norm; tokens through the model)."""
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+
     def autocast():  # bf16 compute over the fp32 master weights
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -1000,8 +1034,7 @@ def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad
                 with autocast():
                     lps = sequence_logprobs(ref, ref_tap, m, args.logp_temperature, pad_id, args.pack_tokens)
                 mb["ref_logp"] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32, device=device)
-    # tokens, entropy, clipped, ratio, kl, loss, max ratio, -min ratio (first pass: the sampler's batch)
-    sums = torch.tensor([0.0] * 6 + [-1e30, -1e30], dtype=torch.float64)
+    stats = TrainStats(train_tokens=float(sum(mb["num_tokens"] for mb in micro)))
     gnorm = torch.zeros(())
     for epoch in range(args.ppo_epochs):
         for g in opt.param_groups:
@@ -1011,25 +1044,28 @@ def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad
             with autocast():
                 loss, st = microbatch_loss(policy, tap, mb, args)
             loss.backward()
-            real = mb["weights"] != 0
+            real = mb["weights"] != 0  # (N,) completion tokens that carry a loss
             if epoch == 0 and real.any():
                 r = st["ratio"][real].double()
-                sums[:6] += torch.stack([real.sum().double(), st["entropy"][real].double().sum(),
-                                         st["clipped"][real].double().sum(), r.sum(),
-                                         st["kl"][real].double().sum() if "kl" in st else torch.zeros((), dtype=torch.float64),
-                                         loss.detach().double()])
-                sums[6], sums[7] = max(sums[6], r.max()), max(sums[7], -r.min())
+                stats.tokens += real.sum().item()
+                stats.entropy += st["entropy"][real].double().sum().item()
+                stats.clipped += st["clipped"][real].double().sum().item()
+                stats.ratio += r.sum().item()
+                stats.kl += st["kl"][real].double().sum().item() if "kl" in st else 0.0
+                stats.loss += loss.detach().double().item()
+                stats.max_ratio = max(stats.max_ratio, r.max().item())
+                stats.max_neg_ratio = max(stats.max_neg_ratio, -r.min().item())
         # the released 0.3 clips a gradient that DeepSpeed had divided by --grad-clip-divisor; ours is the
         # plain gradient of sum_t w_t loss_t, so the same clip is 0.3 x divisor here (README)
         clip = args.grad_clip * args.grad_clip_divisor if args.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         if not torch.isfinite(gnorm):  # before the optimizer step: the weights stay the last good ones
-            raise NonFiniteError(f"the gradient norm is {float(gnorm)} (loss {float(sums[5])}): training stopped "
+            raise NonFiniteError(f"the gradient norm is {float(gnorm)} (loss {stats.loss}): training stopped "
                                  "before the optimizer step; the last checkpoint is the last good state (lower --lr, "
                                  "check the data)")
         opt.step()
-    return sums, float(gnorm), sum(mb["num_tokens"] for mb in micro)
+    return stats, float(gnorm), int(stats.train_tokens)
 
 
 def step_metrics(graded, stats):
@@ -1047,37 +1083,70 @@ def step_metrics(graded, stats):
             "judge_latency_mean_s": stats["judge_latency_s"] / max(1, stats["judge_calls"])}
 
 
+def train_metrics(t, gnorm, args):
+    """The TrainStats of a step (reduced over ranks) as per-token means and extremes."""
+    ntok = max(1.0, t.tokens)
+    return {"loss": t.loss, "entropy": t.entropy / ntok, "clip_frac": t.clipped / ntok,
+            "ratio_mean": t.ratio / ntok if t.tokens else 1.0, "ratio_max": max(t.max_ratio, 0.0),
+            "ratio_min": -t.max_neg_ratio if t.tokens else 1.0, "kl": t.kl / ntok, "grad_norm": gnorm,
+            "grad_norm_released": gnorm / args.grad_clip_divisor, "train_tokens": int(t.train_tokens)}
+
+
+def print_step(m, args, stats):
+    print0(f"step {m['step']:05d}/{args.max_steps:05d} | reward {m['reward_mean']:.3f} | solve "
+           f"{m['solve_rate']:.2f} | len {m['response_len_mean']:.0f} | trunc {m['truncation_rate']:.2f} | "
+           f"ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | ratio {m['ratio_mean']:.3f} | lag "
+           f"{m['policy_lag_mean']:.1f} | groups {m['groups_trained']}/{stats['groups_total']} (flat "
+           f"{stats['groups_zero_var']}, failed {stats['groups_failed']}, stale {stats['groups_stale']}) | "
+           f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {m['train_s']:.1f}s sync "
+           f"{m['sync_s']:.1f}s (+{m['sync_wait_s']:.1f}s wait) | dt {m['step_s']:.1f}s")
+
+
 # ---------------------------------------------------------------------------------------------
-# Main
+# Setup: the run's pieces, built once
 
 
-def main(args):
-    rank, _, world_size, device = common.compute_init(args.device)
-    common.set_seed(args.seed)
-    if args.lora_r and world_size > 1:
-        raise ValueError("--lora-r is a one-process option (python rl.py ...); drop it under torchrun")
-    if world_size > 1 and args.engine == "vllm":
-        raise ValueError("under torchrun use --engine remote (vLLM servers) or --engine hf; colocated vLLM is "
-                         "for python rl.py on one GPU")
-    ckpt = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE)
-    if args.resume and checkpoint.finished(args.output_dir):
-        print0(f"{args.output_dir} already finished (final/); nothing to do")
-        return
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    wandb = None
-    if args.wandb_project and rank == 0:
-        import wandb
+@dataclass
+class Run:
+    """What the loop works with. Rank 0 alone holds the engine, the producer and the rewards."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    tap: dict
+    ref: object  # the frozen start policy for --kl-beta, or None
+    ref_tap: object
+    opt: torch.optim.Optimizer
+    params: list
+    snapshot: object  # --engine hf: (copy of the policy the engine samples from, its tap)
+    lora_scale: float
+    state: dict  # {"step", "next_batch"}: what a checkpoint records of the loop
+    nominal: int  # sequences per step (the loss normalizer)
+    metrics_path: str
+    wandb: object = None
+    engine: object = None
+    rewards: object = None
+    problems: list = None
+    ro: object = None
 
-        wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir)
 
-    # ---- tokenizer and model (a resume then restores the trained weights from the checkpoint)
+def lr_at(args, step):
+    """Constant after an optional linear warmup of --warmup-steps."""
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+
+def build_policy(args, rank, world_size, device):
+    """(tokenizer, policy, ref, snapshot, lora_scale): the fp32 trained policy (LoRA-wrapped, FSDP2-sharded
+    under torchrun), the frozen start policy for --kl-beta and the --engine hf sampling copy."""
     if args.model == common.TINY_MODEL_DIR and rank == 0:
         common.make_tiny_model()
     barrier(world_size)
-    start_from = args.model
-    tokenizer = common.load_tokenizer(args.tokenizer or start_from)
-    policy = common.load_model(start_from, dtype=torch.float32, device=device)  # fp32 master weights
-    common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or start_from)
+    tokenizer = common.load_tokenizer(args.tokenizer or args.model)
+    policy = common.load_model(args.model, dtype=torch.float32, device=device)  # fp32 master weights
+    common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or args.model)
+    # the KL reference is the start policy: copied before a resume restores the trained weights
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
     lora_scale = args.lora_alpha / args.lora_r if args.lora_r else 0.0
     if args.lora_r:
@@ -1101,184 +1170,226 @@ def main(args):
             for layer in unwrap(m).model.layers:
                 fully_shard(layer)
             fully_shard(m)  # the root (embeddings, norm, head) stays unsharded after forward: FSDP2's root default
-    tap, ref_tap = tap_hidden(policy), (tap_hidden(ref) if ref is not None else None)
+    return tokenizer, policy, ref, snapshot, lora_scale
 
-    # ---- optimizer (AdamW; constant lr after an optional linear warmup)
+
+def build_engines(args, tokenizer, snapshot):
+    """Rank 0: the generation engine (the policy's weights) and the RC summarizer's (None: the engine)."""
+    from rc_decode import make_engine
+
+    if args.engine == "hf":
+        engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
+    elif args.engine == "vllm":
+        lora_kw = dict(enable_lora=True, max_lora_rank=args.lora_r, max_loras=1) if args.lora_r else {}
+        engine = make_engine("vllm", args.model, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
+                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                             enable_sleep_mode=args.vllm_sleep, max_model_len=args.max_model_len or None, **lora_kw)
+    else:
+        engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
+                                          logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
+                              for u in args.servers.split(",") if u.strip()])
+    summarizer = None
+    if args.rc_turns and args.rc_summarizer_url:
+        summarizer = make_engine("openai", args.rc_summarizer, base_url=args.rc_summarizer_url, concurrency=512)
+    elif args.rc_turns and args.rc_summarizer != "policy":
+        kind = "hf" if args.engine == "hf" else "vllm"
+        summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
+    return engine, summarizer
+
+
+def setup(args):
+    """Output folder, model, optimizer, resume, and (rank 0) data, rewards, engine and the rollout producer."""
+    rank, _, world_size, device = common.compute_init(args.device)
+    common.set_seed(args.seed)
+    if args.lora_r and world_size > 1:
+        raise ValueError("--lora-r is a one-process option (python rl.py ...); drop it under torchrun")
+    if world_size > 1 and args.engine == "vllm":
+        raise ValueError("under torchrun use --engine remote (vLLM servers) or --engine hf; colocated vLLM is "
+                         "for python rl.py on one GPU")
+    ckpt = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE)
+    if args.resume and checkpoint.finished(args.output_dir):
+        print0(f"{args.output_dir} already finished (final/); nothing to do")
+        return None
+    wandb = None
+    if args.wandb_project and rank == 0:
+        import wandb
+
+        wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir)
+    tokenizer, policy, ref, snapshot, lora_scale = build_policy(args, rank, world_size, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(float(x) for x in args.adam_betas.split(",")),
                             eps=args.adam_eps, weight_decay=args.weight_decay)
-    state = {"step": 0, "next_batch": 0}
+    nominal = args.problems_per_step * args.samples_per_problem * (args.rc_states_per_problem if args.rc_turns else 1)
+    run = Run(args, rank, world_size, device, tokenizer, policy, tap_hidden(policy), ref,
+              tap_hidden(ref) if ref is not None else None, opt, params, snapshot, lora_scale,
+              {"step": 0, "next_batch": 0}, nominal, os.path.join(args.output_dir, "metrics.jsonl"), wandb)
     if ckpt:
         saved = checkpoint.load(ckpt, policy, opt, rank)
-        state = {"step": saved["step"], "next_batch": saved["next_batch"]}
-        print0(f"resumed from {ckpt}: step {state['step']}, next batch {state['next_batch']}")
+        run.state = {"step": saved["step"], "next_batch": saved["next_batch"]}
+        print0(f"resumed from {ckpt}: step {saved['step']}, next batch {saved['next_batch']}")
     if rank == 0 and args.resume:  # rows logged after the checkpoint belong to the abandoned future: redone
-        checkpoint.forget_after(state["step"], metrics_path, os.path.join(args.output_dir, "rollouts.jsonl"))
-
-    def lr_at(step):
-        return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-
-    # ---- data, rewards, engine and the rollout producer: rank 0 (the other ranks get each step's batch)
-    ro = engine = problems = None
-    nominal = args.problems_per_step * args.samples_per_problem * (args.rc_states_per_problem if args.rc_turns else 1)
+        checkpoint.forget_after(run.state["step"], run.metrics_path, os.path.join(args.output_dir, "rollouts.jsonl"))
+    summarizer = task_prompt = None
     if rank == 0:
-        from rc_decode import make_engine
-
-        problems, reward_kind = load_problems(args)
+        run.problems, reward_kind = load_problems(args)
         task_prompt = None if args.prompt == "none" else args.prompt
-        rewards = Rewards(reward_kind, problems, args)
-        if args.engine == "hf":
-            engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
-        elif args.engine == "vllm":
-            lora_kw = dict(enable_lora=True, max_lora_rank=args.lora_r, max_loras=1) if args.lora_r else {}
-            engine = make_engine("vllm", start_from, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
-                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                                 enable_sleep_mode=args.vllm_sleep, max_model_len=args.max_model_len or None, **lora_kw)
-        else:
-            engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
-                                              logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
-                                  for u in args.servers.split(",") if u.strip()])
-        summarizer = None
-        if args.rc_turns and args.rc_summarizer_url:
-            summarizer = make_engine("openai", args.rc_summarizer, base_url=args.rc_summarizer_url, concurrency=512)
-        elif args.rc_turns and args.rc_summarizer != "policy":
-            kind = "hf" if args.engine == "hf" else "vllm"
-            summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
+        run.rewards = Rewards(reward_kind, run.problems, args)
+        run.engine, summarizer = build_engines(args, tokenizer, snapshot)
     if ckpt:  # the engine (the hf snapshot too) holds the start weights: push the resumed ones
-        push_weights(args, policy, engine, snapshot, lora_scale, state["step"], rank)
+        push_weights(args, policy, run.engine, snapshot, lora_scale, run.state["step"], rank)
     if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
-        check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size)
+        check_sampler_logprobs(args, run.engine, policy, run.tap, tokenizer, rank, world_size)
     if rank == 0:
-        ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=problems, engine=engine, summarizer=summarizer,
-                                               snapshot=snapshot, tokenizer=tokenizer, task_prompt=task_prompt,
-                                               rewards=rewards),
-                      state["next_batch"], args.max_lag, state["step"])
+        run.ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=run.problems, engine=run.engine,
+                                                   summarizer=summarizer, snapshot=snapshot, tokenizer=tokenizer,
+                                                   task_prompt=task_prompt, rewards=run.rewards),
+                          run.state["next_batch"], args.max_lag, run.state["step"])
     print0(f"rl: {args.max_steps} steps x {nominal} rollouts | engine {args.engine} | {world_size} process(es) | "
            f"lr {args.lr} | max lag {args.max_lag} | {args.output_dir}")
+    return run
 
-    # ---- loop (SIGTERM, what Slurm sends before a job's end, and Ctrl-C: finish the step, save, exit 128 + signal)
-    step, stop_at = state["step"], args.max_steps if args.stop_after < 0 else min(args.max_steps, args.stop_after)
-    stop = {"signal": 0}
+
+# ---------------------------------------------------------------------------------------------
+# The loop's phases
+
+
+def next_batch(run, step, stats):
+    """Rank 0 collects this step's graded groups and plans the micro-batches; every rank gets the plan.
+    Returns (groups trained, groups graded, this rank's micro-batches, whether no rank has any); a generation
+    failure raises on all ranks."""
+    payload = groups = graded = None
+    if run.rank == 0:
+        try:
+            groups, graded, run.state["next_batch"] = collect(step, run.ro, run.rewards, run.args,
+                                                              run.nominal // run.args.samples_per_problem, stats)
+            seqs = training_sequences(groups, run.args, run.nominal, run.world_size)
+            payload = {"plan": plan_microbatches(seqs, run.world_size, run.args.pack_tokens), "empty": not seqs}
+        except RuntimeError as e:  # tell the other ranks, so that all of them save and stop together
+            if run.world_size == 1:
+                raise
+            payload = {"error": str(e)}
+    payload = from_rank0(payload, run.world_size)
+    return groups, graded, payload["plan"][run.rank], payload["empty"]
+
+
+def train_and_push(run, micro, empty, step, timing):
+    """The optimizer step on this rank's micro-batches, then the new weights (version step + 1) to the
+    engine. Colocated vLLM sleeps meanwhile unless --no-vllm-sleep; the producer's lock keeps it off the
+    engine while the weights change, so every batch's version is the weights it was sampled with."""
+    args = run.args
+    t_train = time.time()
+    stats, gnorm = TrainStats(), 0.0
+    sleeps = run.rank == 0 and args.engine == "vllm" and args.vllm_sleep
+    if sleeps:
+        run.ro.lock.acquire()
+        run.engine.llm.sleep(level=1)
+    try:
+        if not empty:
+            try:
+                stats, gnorm, _ = train_step(run.policy, run.tap, run.ref, run.ref_tap, run.opt, run.params, micro,
+                                             args, lr_at(args, step), run.tokenizer.pad_token_id, run.device)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"step {step + 1}: {e}") from None
+        timing["train_s"] = time.time() - t_train
+        t_sync = time.time()
+        timing["sync_wait_s"] = 0.0
+        if sleeps:
+            run.engine.llm.wake_up(tags=["weights"])
+        if not empty:
+            if run.rank == 0 and not sleeps:
+                with run.ro.lock:  # waits for the batch being generated: its version stays truthful
+                    timing["sync_wait_s"] = time.time() - t_sync
+                    push_weights(args, run.policy, run.engine, run.snapshot, run.lora_scale, step + 1, run.rank)
+                    run.ro.version = step + 1
+            else:
+                push_weights(args, run.policy, run.engine, run.snapshot, run.lora_scale, step + 1, run.rank)
+        if run.rank == 0:
+            run.ro.version = step + 1
+    finally:
+        if sleeps:
+            run.engine.llm.wake_up(tags=["kv_cache"])
+            run.ro.lock.release()
+    timing["sync_s"] = time.time() - t_sync - timing["sync_wait_s"]  # the push itself
+    return stats.reduce(run.world_size, run.device), gnorm
+
+
+def log_step(run, step, groups, graded, train, gnorm, stats, timing):
+    """Rank 0: one metrics.jsonl record (and wandb), a few rollouts, one printed line."""
+    args = run.args
+    step_s = time.time() - timing.pop("t_step")
+    m = {"step": step, **step_metrics(graded, stats), "lr": lr_at(args, step - 1), **train_metrics(train, gnorm, args),
+         "groups_trained": len(groups), "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
+         "train_tok_s": train.train_tokens / max(1e-9, timing["train_s"]), **timing, "step_s": step_s}
+    common.append_jsonl(run.metrics_path, m)
+    if run.wandb is not None:
+        run.wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
+    for g in groups[:args.log_rollouts]:
+        common.append_jsonl(os.path.join(args.output_dir, "rollouts.jsonl"), {
+            "step": step, "problem": run.problems[g["row"]]["problem"], "state": g["state"],
+            "completion": g["samples"][0]["text"], "reward": g["rewards"][0]})
+    print_step(m, args, stats)
+
+
+def save(run, name, resumable=True):
+    save_checkpoint(os.path.join(run.args.output_dir, name), run.policy, run.tokenizer, run.opt, run.state, run.args,
+                    run.rank, run.world_size, resumable=resumable)
+
+
+def any_rank(flag, run):
+    """Whether `flag` (a signal number or 0) is set on any rank: every rank stops at the same step."""
+    t = torch.tensor([float(flag)], device=run.device)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def main(args):
+    run = setup(args)
+    if run is None:
+        return
+    step = run.state["step"]
+    stop_at = args.max_steps if args.stop_after < 0 else min(args.max_steps, args.stop_after)
+    stop = {"signal": 0}  # SIGTERM (Slurm's warning before a job's end) or Ctrl-C: finish the step, save, exit
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while step < stop_at:
-            t_step, stats, payload = time.time(), Counter(), None
-            if rank == 0:
-                try:
-                    groups, graded, state["next_batch"] = collect(step, ro, rewards, args,
-                                                                  nominal // args.samples_per_problem, stats)
-                    seqs = training_sequences(groups, args, nominal, world_size)
-                    payload = {"plan": plan_microbatches(seqs, world_size, args.pack_tokens), "empty": not seqs}
-                except RuntimeError as e:  # tell the other ranks, so that all of them save and stop together
-                    payload = {"error": str(e)}
-                    if world_size == 1:
-                        raise
-            payload = from_rank0(payload, world_size)
-
-            # ---- train, then push the weights (colocated vLLM sleeps meanwhile unless --no-vllm-sleep; the lock
-            #      keeps the producer off)
-            t_train = time.time()
-            sleeps = rank == 0 and args.engine == "vllm" and args.vllm_sleep
-            if sleeps:
-                ro.lock.acquire()
-                engine.llm.sleep(level=1)
-            try:
-                sums, gnorm, train_tokens = torch.zeros(8, dtype=torch.float64), 0.0, 0
-                if not payload["empty"]:
-                    try:
-                        sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params,
-                                                               payload["plan"][rank], args, lr_at(step),
-                                                               tokenizer.pad_token_id, device)
-                    except NonFiniteError as e:
-                        raise NonFiniteError(f"step {step + 1}: {e}") from None
-                train_s, t_sync, sync_wait_s = time.time() - t_train, time.time(), 0.0
-                if sleeps:
-                    engine.llm.wake_up(tags=["weights"])
-                step += 1
-                if not payload["empty"]:
-                    if rank == 0 and not sleeps:
-                        with ro.lock:  # waits for the batch being generated: its version stays truthful
-                            sync_wait_s = time.time() - t_sync
-                            push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
-                            ro.version = step
-                    else:
-                        push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
-                if rank == 0:
-                    ro.version = step
-            finally:
-                if sleeps:
-                    engine.llm.wake_up(tags=["kv_cache"])
-                    ro.lock.release()
-            sync_s = time.time() - t_sync - sync_wait_s  # the push itself; sync_wait_s = waiting for the engine
-            if rank == 0:
-                ro.grant(1)  # one more batch may start, with the new weights
-            if world_size > 1:  # sums over ranks (and the token count), the two maxima as maxima; NCCL wants CUDA
-                head = torch.cat([sums[:6], torch.tensor([float(train_tokens)], dtype=torch.float64)]).to(device)
-                tail = sums[6:].to(device)
-                torch.distributed.all_reduce(head)
-                torch.distributed.all_reduce(tail, op=torch.distributed.ReduceOp.MAX)
-                sums = torch.cat([head[:6], tail]).cpu()
-                train_tokens = int(head[6].item())
-                sums[5] /= world_size  # each rank's loss carried the x world_size of training_sequences
-
-            # ---- log
-            if rank == 0:
-                ntok = max(1.0, sums[0].item())
-                m = {"step": step, **step_metrics(graded, stats), "lr": lr_at(step - 1), "loss": sums[5].item(),
-                     "entropy": sums[1].item() / ntok, "clip_frac": sums[2].item() / ntok,
-                     "ratio_mean": sums[3].item() / ntok if sums[0] else 1.0, "ratio_max": max(sums[6].item(), 0.0),
-                     "ratio_min": -sums[7].item() if sums[0] else 1.0, "kl": sums[4].item() / ntok, "grad_norm": gnorm,
-                     "grad_norm_released": gnorm / args.grad_clip_divisor,
-                     "groups_trained": len(groups), "train_tokens": train_tokens, "train_s": train_s,
-                     "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
-                     "train_tok_s": train_tokens / max(1e-9, train_s), "sync_s": sync_s, "sync_wait_s": sync_wait_s,
-                     "step_s": time.time() - t_step}
-                common.append_jsonl(metrics_path, m)
-                if wandb is not None:
-                    wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
-                for g in groups[:args.log_rollouts]:
-                    common.append_jsonl(os.path.join(args.output_dir, "rollouts.jsonl"), {
-                        "step": step, "problem": problems[g["row"]]["problem"], "state": g["state"],
-                        "completion": g["samples"][0]["text"], "reward": g["rewards"][0]})
-                print0(f"step {step:05d}/{args.max_steps:05d} | reward {m['reward_mean']:.3f} | solve "
-                       f"{m['solve_rate']:.2f} | len {m['response_len_mean']:.0f} | trunc {m['truncation_rate']:.2f} | "
-                       f"ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | ratio {m['ratio_mean']:.3f} | lag "
-                       f"{m['policy_lag_mean']:.1f} | groups {len(groups)}/{stats['groups_total']} (flat "
-                       f"{stats['groups_zero_var']}, failed {stats['groups_failed']}, stale {stats['groups_stale']}) | "
-                       f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {train_s:.1f}s sync "
-                       f"{sync_s:.1f}s (+{sync_wait_s:.1f}s wait) | dt {m['step_s']:.1f}s")
-            state["step"] = step
-            signalled = torch.tensor([float(stop["signal"])], device=device)
-            if world_size > 1:  # every rank stops at the same step
-                torch.distributed.all_reduce(signalled, op=torch.distributed.ReduceOp.MAX)
-            if signalled.item() or (args.save_every and step % args.save_every == 0 and step < stop_at):
-                save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state,
-                                args, rank, world_size)
-            if signalled.item():
-                print0(f"stopped after step {step} (signal {int(signalled.item())}); continue with the same command "
-                       "plus --resume")
-                raise SystemExit(128 + int(signalled.item()))
+            timing, stats = {"t_step": time.time()}, Counter()
+            groups, graded, micro, empty = next_batch(run, step, stats)  # graded groups of rollouts, packed
+            train, gnorm = train_and_push(run, micro, empty, step, timing)  # one optimizer step; the engine gets it
+            step += 1
+            run.state["step"] = step
+            if run.rank == 0:
+                run.ro.grant(1)  # one more batch may start, with the new weights
+                log_step(run, step, groups, graded, train, gnorm, stats, timing)
+            signalled = any_rank(stop["signal"], run)
+            if signalled or (args.save_every and step % args.save_every == 0 and step < stop_at):
+                save(run, f"step_{step:05d}")
+            if signalled:
+                print0(f"stopped after step {step} (signal {signalled}); continue with the same command plus --resume")
+                raise SystemExit(128 + signalled)
     except RuntimeError:
         if step > 0:  # keep what was paid for: pending rollouts are discarded, the weights are not
-            state["step"] = step  # a failed weight push comes after the optimizer step: that step is done
+            run.state["step"] = step  # a failed weight push comes after the optimizer step: that step is done
             print0(f"stopping at step {step}: saving a checkpoint first")
-            save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state, args,
-                            rank, world_size)
+            save(run, f"step_{step:05d}")
         raise
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        if ro is not None:
-            ro.stop()
+        if run.ro is not None:
+            run.ro.stop()
     final = "final" if step >= args.max_steps else f"step_{step:05d}"
-    save_checkpoint(os.path.join(args.output_dir, final), policy, tokenizer, opt, state, args, rank, world_size,
-                    resumable=final != "final")
-    if rank == 0:
-        plot_rewards(metrics_path, os.path.join(args.output_dir, "reward_curve.png"))
+    save(run, final, resumable=final != "final")
+    if run.rank == 0:
+        plot_rewards(run.metrics_path, os.path.join(args.output_dir, "reward_curve.png"))
         print0(f"saved {os.path.join(args.output_dir, final)}")
-    if wandb is not None:
-        wandb.finish()
+    if run.wandb is not None:
+        run.wandb.finish()
     common.compute_cleanup()
 
 
