@@ -210,6 +210,22 @@ def prepare_output_dir(args, rank, world_size, free):
     return ckpt
 
 
+def open_run(args, rank, world_size, free):
+    """A training run's start: (checkpoint to resume from or None, wandb run or None), after
+    prepare_output_dir's checks; None when --resume finds the run already finished."""
+    ckpt = prepare_output_dir(args, rank, world_size, free)
+    if args.resume and finished(args.output_dir):
+        common.print0(f"{args.output_dir} already finished (final/); nothing to do")
+        return None
+    wandb_run = None
+    if args.wandb_project and rank == 0:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir,
+                               name=os.path.basename(os.path.abspath(args.output_dir)))
+    return ckpt, wandb_run
+
+
 def forget_after(step, *paths):
     """Drop the rows of these JSONL logs written after `step` (the abandoned future of a resumed run)."""
     for path in paths:

@@ -1206,15 +1206,10 @@ def setup(args):
     if world_size > 1 and args.engine == "vllm":
         raise ValueError("under torchrun use --engine remote (vLLM servers) or --engine hf; colocated vLLM is "
                          "for python rl.py on one GPU")
-    ckpt = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE)
-    if args.resume and checkpoint.finished(args.output_dir):
-        print0(f"{args.output_dir} already finished (final/); nothing to do")
+    opened = checkpoint.open_run(args, rank, world_size, RESUME_FREE)
+    if opened is None:
         return None
-    wandb = None
-    if args.wandb_project and rank == 0:
-        import wandb
-
-        wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir)
+    ckpt, wandb = opened
     tokenizer, policy, ref, snapshot, lora_scale = build_policy(args, rank, world_size, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(float(x) for x in args.adam_betas.split(",")),

@@ -452,6 +452,64 @@ def peak_mem_gib(device):
 # the run
 
 
+def load_policy(args, rank, world_size, device):
+    """(tokenizer, model, trainable parameters, compute dtype), the tokenizer checked against the model."""
+    if args.preset == "tiny" and args.model == common.TINY_MODEL_DIR:
+        if rank == 0:
+            common.make_tiny_model()
+        barrier(world_size)
+    try:
+        tokenizer = common.load_tokenizer(args.tokenizer or args.model)
+    except ValueError as e:
+        raise ValueError(f"{e} (flag --tokenizer)") from None
+    model, trainable, compute_dtype = build_model(args, device, world_size)
+    common.check_tokenizer_matches(tokenizer, model.causal_lm(), args.tokenizer or args.model)
+    n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
+    print0(f"model {args.model}: {n_params / 1e6:.1f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
+           f"trainable, compute {compute_dtype}, {world_size} process(es){' (FSDP2)' if world_size > 1 else ''}, "
+           f"device {device}")
+    return tokenizer, model, trainable, compute_dtype
+
+
+def print_step(rec, max_steps):
+    val_s = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+    mfu = rec["mfu"]
+    print0(f"step {rec['step']:05d}/{max_steps:05d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm "
+           f"{rec['gnorm']:.3f} | tok/s {rec['tok_s']:.0f} | mfu {'-' if mfu is None else f'{mfu:.2f}'} | "
+           f"mem {rec['mem_gib']:.1f}G | dt {rec['dt']:.2f}s{val_s}")
+
+
+def split_data(args, tokenizer, world_size):
+    """(train examples, validation examples, load stats): --val-rows conversations held out by a seeded
+    shuffle, the rest in file order."""
+    examples, stats = load_examples(args, tokenizer)
+    if args.val_rows >= len(examples):
+        raise ValueError(f"--val-rows {args.val_rows} leaves no training data ({len(examples)} usable conversations)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    val = [examples[i] for i in order[:args.val_rows]]
+    train_ex = [examples[i] for i in sorted(order[args.val_rows:])]
+    n_tokens = sum(len(e[0]) for e in train_ex)
+    grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    print0(f"data {args.data}: {stats['rows']} rows -> {len(train_ex)} train + {len(val)} val conversations; "
+           f"dropped {stats['dropped_overlong']} longer than {args.max_length} tokens, truncated "
+           f"{stats['truncated']}, skipped {stats['skipped_bad']} malformed; {n_tokens} train tokens, "
+           f"{args.global_batch_size * args.max_steps / len(train_ex):.2f} epochs, {grad_accum} micro-batches/step")
+    return train_ex, val, stats
+
+
+def validation_loss(model, val, args, rank, world_size, device, autocast, pad_id):
+    """Mean cross-entropy over all held-out assistant tokens (every rank calls it: FSDP2 collectives)."""
+    model.eval()
+    total, loss = sum(n_loss_tokens(e) for e in val), 0.0
+    with torch.no_grad():
+        for mb in micro_batches(range(len(val)), [len(e[0]) for e in val], rank, world_size, args.micro_batch_size):
+            batch = [val[i] for i in mb] or [([pad_id], [0])]  # idle ranks still join FSDP
+            with autocast:
+                loss += model(*pack(batch, device)).detach()
+    model.train()
+    return all_sum(loss, world_size, device) / total
+
+
 def train(args):
     """Run SFT with parsed `args`; returns dict(model=the trained CausalLMLoss, history=step records)."""
     rank, _, world_size, device = common.compute_init(args.device)
@@ -466,36 +524,47 @@ def train(args):
             signal.signal(s, h)
 
 
-def _train(args, rank, world_size, device, stop):
-    resume_from = checkpoint.prepare_output_dir(args, rank, world_size, RESUME_FREE_ARGS)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if args.resume and checkpoint.finished(args.output_dir):
-        print0(f"{args.output_dir} already finished (final/); nothing to do")
-        return None
-    common.set_seed(args.seed)
-    wandb_run = None
-    if args.wandb_project and rank == 0:
-        import wandb
+def optimizer_step(step, args, model, opt, trainable, train_ex, lr, autocast, rank, world_size, device, mfu_of):
+    """Optimizer step `step` (0-based) on its rows of the epoch stream; returns its metrics record."""
+    t0 = time.time()
+    lengths = [len(e[0]) for e in train_ex]
+    rows = common.epoch_rows(len(train_ex), args.seed, step * args.global_batch_size, args.global_batch_size)
+    total_tokens = sum(n_loss_tokens(train_ex[i]) for i in rows)  # of the whole global batch: every rank knows
+    for g in opt.param_groups:
+        g["lr"] = lr
+    mbs = micro_batches(rows, lengths, rank, world_size, args.micro_batch_size)
+    assert len(mbs) == args.global_batch_size // (args.micro_batch_size * world_size)
+    try:
+        loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
+                                     total_tokens, device, world_size, autocast, args.grad_clip)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"step {step + 1}: {e}") from None
+    loss = all_sum(loss_sum, world_size, device) / total_tokens
+    seq_lens = [lengths[i] for i in rows]
+    dt = time.time() - t0
+    return dict(step=step + 1, loss=loss, lr=lr, gnorm=gnorm, tokens=sum(seq_lens), loss_tokens=total_tokens,
+                tok_s=sum(seq_lens) / dt, mfu=mfu_of(seq_lens, dt), mem_gib=peak_mem_gib(device), dt=dt)
 
-        wandb_run = wandb.init(project=args.wandb_project, config=vars(args),
-                               name=os.path.basename(os.path.abspath(args.output_dir)))
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None where it is not in PEAK_BF16_FLOPS."""
+    if device.type != "cuda":
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def _train(args, rank, world_size, device, stop):
+    opened = checkpoint.open_run(args, rank, world_size, RESUME_FREE_ARGS)
+    if opened is None:
+        return None
+    resume_from, wandb_run = opened
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    common.set_seed(args.seed)
 
     # ---- tokenizer and model
-    if args.preset == "tiny" and args.model == common.TINY_MODEL_DIR:
-        if rank == 0:
-            common.make_tiny_model()
-        barrier(world_size)
-    try:
-        tokenizer = common.load_tokenizer(args.tokenizer or args.model)
-    except ValueError as e:
-        raise ValueError(f"{e} (flag --tokenizer)") from None
-    model, trainable, compute_dtype = build_model(args, device, world_size)
-    common.check_tokenizer_matches(tokenizer, model.causal_lm(), args.tokenizer or args.model)
+    tokenizer, model, trainable, compute_dtype = load_policy(args, rank, world_size, device)
     cfg = model.causal_lm().config
     n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
-    print0(f"model {args.model}: {n_params / 1e6:.1f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
-           f"trainable, compute {compute_dtype}, {world_size} process(es){' (FSDP2)' if world_size > 1 else ''}, "
-           f"device {device}")
     autocast = make_autocast(device, world_size, compute_dtype)
 
     # ---- optimizer and schedule
@@ -504,94 +573,52 @@ def _train(args, rank, world_size, device, stop):
                               min_ratio=args.min_lr_ratio)
 
     # ---- data
-    examples, stats = load_examples(args, tokenizer)
-    if args.val_rows >= len(examples):
-        raise ValueError(f"--val-rows {args.val_rows} leaves no training data ({len(examples)} usable conversations)")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    val = [examples[i] for i in order[:args.val_rows]]
-    train_ex = [examples[i] for i in sorted(order[args.val_rows:])]
-    lengths = [len(e[0]) for e in train_ex]
-    grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
-    print0(f"data {args.data}: {stats['rows']} rows -> {len(train_ex)} train + {len(val)} val conversations; "
-           f"dropped {stats['dropped_overlong']} longer than {args.max_length} tokens, truncated "
-           f"{stats['truncated']}, skipped {stats['skipped_bad']} malformed; {sum(lengths)} train tokens, "
-           f"{args.global_batch_size * args.max_steps / len(train_ex):.2f} epochs, {grad_accum} micro-batches/step")
+    train_ex, val, stats = split_data(args, tokenizer, world_size)
 
     def evaluate():
-        """Validation loss: mean cross-entropy over all held-out assistant tokens."""
-        model.eval()
-        total, loss = sum(n_loss_tokens(e) for e in val), 0.0
-        with torch.no_grad():
-            for mb in micro_batches(range(len(val)), [len(e[0]) for e in val], rank, world_size,
-                                    args.micro_batch_size):
-                batch = [val[i] for i in mb] or [([tokenizer.pad_token_id], [0])]  # idle ranks still join FSDP
-                with autocast:
-                    loss += model(*pack(batch, device)).detach()
-        model.train()
-        return all_sum(loss, world_size, device) / total
+        return validation_loss(model, val, args, rank, world_size, device, autocast, tokenizer.pad_token_id)
 
-    # ---- resume
-    start = 0
-    if resume_from:
-        start = checkpoint.load(resume_from, model, opt, rank)["step"]
-        print0(f"resumed from {resume_from} at step {start} ({start * args.global_batch_size} conversations done)")
-    if rank == 0:  # forget steps logged after the checkpoint: they are redone
+    # ---- resume (steps logged after the checkpoint are forgotten: they are redone)
+    start = checkpoint.load(resume_from, model, opt, rank)["step"] if resume_from else 0
+    print0(f"resumed from {resume_from} at step {start} ({start * args.global_batch_size} conversations done)"
+           if resume_from else f"starting {args.output_dir}")
+    if rank == 0:
         checkpoint.forget_after(start, metrics_path)
     history = []
 
     def save(step, path, resumable=True):
         state = dict(step=step, rows_consumed=step * args.global_batch_size, data=stats, last=history[-1:])
-        checkpoint.save(path, export=lambda folder: export_hf(model, tokenizer, folder, rank, world_size, compute_dtype),
+        checkpoint.save(path, export=lambda out: export_hf(model, tokenizer, out, rank, world_size, compute_dtype),
                         model=model, opt=opt, args=args, state=state, rank=rank, world_size=world_size,
                         resumable=resumable, keep_last=args.keep_last)
         print0(f"saved {path}")
 
     # ---- loop
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
+    peak = peak_flops(device)
     model.train()
     for step in range(start, args.max_steps):
-        t0 = time.time()
-        rows = common.epoch_rows(len(train_ex), args.seed, step * args.global_batch_size, args.global_batch_size)
-        total_tokens = sum(n_loss_tokens(train_ex[i]) for i in rows)  # of the whole global batch: every rank knows
-        lr = lr_of(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        mbs = micro_batches(rows, lengths, rank, world_size, args.micro_batch_size)
-        assert len(mbs) == grad_accum
-        try:
-            loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
-                                         total_tokens, device, world_size, autocast, args.grad_clip)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"step {step + 1}: {e}") from None
-        loss = all_sum(loss_sum, world_size, device) / total_tokens
-        dt = time.time() - t0
-        seq_lens = [lengths[i] for i in rows]
-        mfu = train_flops(n_params, cfg, seq_lens) / dt / (peak * world_size) if peak else None
-        rec = dict(step=step + 1, loss=loss, lr=lr, gnorm=gnorm, tokens=sum(seq_lens), loss_tokens=total_tokens,
-                   tok_s=sum(seq_lens) / dt, mfu=mfu, mem_gib=peak_mem_gib(device), dt=dt)
+        rec = optimizer_step(step, args, model, opt, trainable, train_ex, lr_of(step), autocast, rank, world_size,
+                             device, mfu_of=lambda seq_lens, dt: train_flops(n_params, cfg, seq_lens) / dt /
+                             (peak * world_size) if peak else None)
         last = step + 1 == args.max_steps
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
             rec["val_loss"] = evaluate()
         history.append(rec)
-        val_s = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-        print0(f"step {step + 1:05d}/{args.max_steps:05d} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
-               f"tok/s {rec['tok_s']:.0f} | mfu {'-' if mfu is None else f'{mfu:.2f}'} | "
-               f"mem {rec['mem_gib']:.1f}G | dt {dt:.2f}s{val_s}")
+        print_step(rec, args.max_steps)
         if rank == 0:
             common.append_jsonl(metrics_path, rec)
             if wandb_run:
                 wandb_run.log(rec, step=step + 1)
         stop_now = all_sum(stop["signal"] is not None, world_size, device) > 0  # all ranks stop together
-        if stop_now or step + 1 == args.stop_after:
+        stopping = stop_now or step + 1 == args.stop_after
+        if stopping or (args.save_every > 0 and (step + 1) % args.save_every == 0 and not last):
             save(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
+        if stopping:
             why = f"signal {stop['signal']}" if stop_now else f"--stop-after {args.stop_after}"
             print0(f"stopped after step {step + 1} ({why}); continue with the same command plus --resume")
             if stop_now:
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
             return dict(model=model, history=history)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last:
-            save(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
 
     # ---- the trained model
     final = os.path.join(args.output_dir, "final")
