@@ -4,21 +4,27 @@
     engine = from_args(args)                              # what every stage's --engine ... flags build
     outs = engine.generate([[{"role": "user", "content": "Prove ..."}]], Sampling(49152))
 
-The contract (every engine in ENGINES):
+The contract (every engine in ENGINES; the class Engine holds the optional parts' defaults):
     generate(prompts, sampling, thinking=True, progress=None) -> list[Completion], in prompt order.
         prompts: chat messages (the chat template is applied with enable_thinking=thinking) or token ids
         (not the openai engine); progress(n) is called as n prompts finish. A prompt that fails (no room
-        in the context, a server error) comes back with finish_reason "error"; the call does not raise.
+        in the context, a server error) comes back with finish_reason "error" and the batch goes on; bad
+        arguments raise, and so does the openai engine when every request fails to connect or authenticate.
     tokenizer: the engine's tokenizer (None where a server tokenizes); context_length: tokens (None: unknown).
-    sleeps: True when paused() frees memory, so nothing may generate inside it.
-    paused(): a context in which a colocated vLLM engine sleeps (its weights and KV cache leave the GPU)
-        and after which it wakes; a no-op elsewhere.
+Optional (Engine's defaults: no-ops, or a ValueError naming the engine):
+    sleeps: True when paused() frees memory, so nothing may generate inside it (default False).
+    paused(): a context in which a colocated vLLM engine sleeps (weights to CPU memory, KV cache
+        dropped) and after which it wakes; a no-op elsewhere.
     load_weights(named_tensors, version): the trainer's new weights ((HF name, tensor) pairs) replace the
-        served ones (hf: copied into its model; vllm: through VLLMWorker; remote: NCCL or a shared folder).
-    load_lora(path, version, name=None): generate through the PEFT adapter saved in folder `path` from now on.
-    replicas: the engines behind this one that serve separately (one per server; [self] for the others).
-What RL needs back, per Completion: token_ids (the sampled tokens), prompt_token_ids, and logprobs
-(log p(token) at the sampling temperature; the openai/remote engines only with logprobs=True).
+        served ones (hf: copied into its model; vllm: through VLLMWorker; remote: bf16 over NCCL or a
+        shared folder, then the servers' prefix caches are reset).
+    load_lora(path, version, name=None): generate through the PEFT adapter saved in folder `path` from now
+        on, under `name` (default policy-v<version>): the adapter-only weight sync (push_adapter).
+    replicas: the engines behind this one that serve separately (one per server; [self] by default).
+What RL needs back, per Completion: token_ids (the sampled tokens, EOS included when it stopped),
+prompt_token_ids (what the model saw), and logprobs: log p(token) at the sampling temperature (the hf
+engine: over the full vocabulary; vllm with processed_logprobs: after top-k/top-p; the openai and remote
+engines only with logprobs=True and vLLM's return_token_ids).
 
 vLLM loads our worker extension, and with it only this module and common:
     vllm serve MODEL --logprobs-mode processed_logprobs --worker-extension-cls engines.VLLMWorker
@@ -88,9 +94,9 @@ def _reseed(sampling, offset):
     return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + offset)
 
 
-
 class Engine:
-    """What every engine shares: the optional parts of the contract (module docstring), as no-ops."""
+    """What every engine shares: the defaults of the contract's optional parts (module docstring): no
+    sleep, one replica, and a ValueError naming the engine for a weight push it cannot take."""
 
     sleeps = False  # True: paused() frees memory, so nothing may generate inside it
 
@@ -768,7 +774,10 @@ class RemoteVLLMEngine(Engine):
         openai_kw = {"logprobs": True, "concurrency": 512, "extra_body": {"return_token_ids": True}, **openai_kw}
         self.engines = [OpenAIEngine(model, base_url=u + "/v1", **openai_kw) for u in self.urls]
         self.tokenizer, self.context_length = None, None
-        self.weight_sync, self.sync_dir, self.nccl_master, self.server_gpus = weight_sync, sync_dir, nccl_master, server_gpus
+        self.weight_sync = weight_sync
+        self.sync_dir = sync_dir
+        self.nccl_master = nccl_master
+        self.server_gpus = server_gpus
 
     @property
     def replicas(self):
