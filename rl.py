@@ -1027,7 +1027,7 @@ def main(args):
             kind = "hf" if args.engine == "hf" else "vllm"
             summarizer = engines.from_args(args, args.rc_summarizer, kind, dtype="bfloat16",
                                            **(SUMMARIZER_VLLM if kind == "vllm" else {}))
-    if ckpt:  # the engine loaded the start weights: push the resumed ones (hf: its snapshot holds them already)
+    if ckpt:  # the engine loaded the start weights: push the resumed ones (hf: the same values its snapshot holds)
         push_weights(args, policy, engine, lora_scale, state["step"], rank)
     if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
         check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size)
