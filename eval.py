@@ -32,6 +32,7 @@ import sys
 import time
 
 import common
+import engines as engine_lib
 import judge as judge_lib
 import viewer
 
@@ -100,7 +101,7 @@ def build_parser():
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny = offline CPU run (flags you pass win)")
     # ---- model and engine
     p.add_argument("--model", default="lm-provers/QED-Nano", help="hub id or folder (openai engine: served name)")
-    p.add_argument("--engine", default="vllm", choices=["hf", "vllm", "openai"], help="rc_decode engine")
+    p.add_argument("--engine", default="vllm", choices=["hf", "vllm", "openai"], help="generation engine (engines.py)")
     p.add_argument("--device", default="auto", help="hf engine: auto|cpu|cuda")
     p.add_argument("--dtype", default="bfloat16", help="hf/vllm weights dtype")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
@@ -384,20 +385,6 @@ RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "grader", "sc
 DEFAULT_MAX_TOKENS = 229376
 
 
-def make_engine(args, model):
-    import rc_decode
-
-    if args.engine == "hf":
-        import torch
-        return rc_decode.make_engine("hf", model, device=common.compute_init(args.device)[3],
-                                     dtype=getattr(torch, args.dtype))
-    if args.engine == "vllm":
-        return rc_decode.make_engine("vllm", model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                                     max_model_len=args.max_model_len if args.max_model_len > 0 else None,
-                                     gpu_memory_utilization=args.gpu_memory_utilization, seed=max(args.seed, 0))
-    return rc_decode.make_engine("openai", model, base_url=args.base_url, api_key_env=args.api_key_env)
-
-
 def run_scaffold(args, engines, problems, first_seed):
     """Traces for `problems` (a list of texts), one sample each, with the chosen scaffold."""
     from rc_decode import Sampling, run_direct, run_rc, run_verify_refine
@@ -506,9 +493,9 @@ def evaluate(args):
     try:
         grade(list(gens.values()))  # generations from an earlier run that were never graded
         if todo_gen:
-            engines = {"model": make_engine(args, args.model)}
+            engines = {"model": engine_lib.from_args(args)}
             if args.scaffold == "rc" and args.summarizer_model:
-                engines["summarizer"] = make_engine(args, args.summarizer_model)
+                engines["summarizer"] = engine_lib.from_args(args, args.summarizer_model)
             for c0 in range(0, len(todo_gen), args.chunk_size):
                 chunk = todo_gen[c0:c0 + args.chunk_size]
                 k0, i0 = chunk[0]

@@ -11,7 +11,7 @@ Generation servers for --engine remote (the trainer pushes weights after each st
 --weight-sync fs as safetensors in a shared folder that the servers reload, then resets their prefix caches;
 log-probs at the sampling temperature, which rl.py checks at start-up; tests/test_vllm_server.py runs this):
     VLLM_SERVER_DEV_MODE=1 PYTHONPATH=/path/to/qed-nano python -m vllm.entrypoints.openai.api_server \
-        --model runs/sft/final --logprobs-mode processed_logprobs --worker-extension-cls rl.VLLMServerSync
+        --model runs/sft/final --logprobs-mode processed_logprobs --worker-extension-cls engines.VLLMWorker
 With --lora-r R only the adapter travels (through --sync-dir), so the servers instead run
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server --model runs/sft/final \
         --logprobs-mode processed_logprobs --enable-lora --max-lora-rank R
@@ -33,14 +33,13 @@ reward_curve.png.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import queue
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -52,6 +51,7 @@ import torch
 
 import checkpoint
 import common
+import engines
 import rc_decode
 from checkpoint import barrier
 from common import print0
@@ -77,6 +77,9 @@ TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_r
 # seq_parallel x gradient_accumulation_passes of training/conf/qed_nano_rl.yaml (2 x 32) and
 # qed_nano_rc.yaml (4 x 64)). Our per-step gradient is the plain one of sum_t w_t loss_t.
 RELEASED_GRAD_DIVISOR = {"rl": 2 * 32, "rc": 4 * 64}
+
+# the frozen RC summarizer beside a vLLM policy engine: a fifth of the GPU, the model's own context, seed 0
+SUMMARIZER_VLLM = dict(gpu_memory_utilization=0.2, max_model_len=None, seed=0)
 
 
 def get_args(argv=None):
@@ -115,7 +118,7 @@ def get_args(argv=None):
                    "them (released: kept, only the entropy term acts on them)")
     # ---- engine
     p.add_argument("--engine", choices=["vllm", "hf", "remote"], default="vllm",
-                   help="vllm: in-process, colocated, asleep during train steps; hf: rc_decode's HF engine on a "
+                   help="vllm: in-process, colocated, asleep during train steps; hf: engines.py's HF engine on a "
                    "snapshot of the policy (CPU, tests); remote: vLLM servers (--servers)")
     p.add_argument("--servers", default="", help="comma-separated base URLs of vLLM servers, e.g. http://gen0:8000")
     p.add_argument("--served-model", default="", help="model name the servers serve ('' = --model)")
@@ -125,7 +128,9 @@ def get_args(argv=None):
                    "('' = <output-dir>/sync)")
     p.add_argument("--nccl-master", default="", help="host:port at which the servers reach the trainer (nccl sync)")
     p.add_argument("--server-gpus", type=int, default=1, help="GPUs per vLLM server (its tensor-parallel size)")
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
+    p.add_argument("--vllm-gpu-memory-utilization", dest="gpu_memory_utilization", type=float,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="colocated vLLM frees "
                    "its memory while the trainer steps (--no-vllm-sleep: it keeps it, and generation of the next "
                    "batch overlaps training; also for platforms without sleep mode, such as vLLM's CPU build)")
@@ -441,18 +446,6 @@ def full_state_dict(model):
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
 
 
-def hf_state_dict(sd, lora_scale):
-    """Plain Hugging Face names for vLLM; a LoRA policy's adapters are merged: W + scale * B @ A."""
-    if not lora_scale:
-        return sd
-    out = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in sd.items() if "lora_" not in k}
-    for k in [k for k in sd if k.endswith("lora_A.default.weight")]:
-        a, b = sd[k].float(), sd[k.replace("lora_A", "lora_B")].float()
-        name = k.replace("base_model.model.", "").replace(".lora_A.default.weight", ".weight")
-        out[name] = (out[name].float() + lora_scale * (b @ a)).to(out[name].dtype)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Rollouts: a producer thread at most 1 + max_lag batches ahead of the trainer
 
@@ -499,24 +492,6 @@ class Rollouts:
             self.stopped = True
             self.cond.notify_all()
         self.thread.join(timeout=600)
-
-
-class SplitEngine:
-    """Several engines (one per vLLM server) behind one generate(): prompts are split evenly."""
-
-    def __init__(self, engines):
-        self.engines, self.tokenizer, self.context_length = engines, None, None
-
-    def generate(self, prompts, sampling, thinking=True, progress=None):
-        import dataclasses
-        from concurrent.futures import ThreadPoolExecutor
-
-        k = -(-len(prompts) // len(self.engines))
-        parts = [(e, prompts[i * k:(i + 1) * k], i * k) for i, e in enumerate(self.engines)]
-        with ThreadPoolExecutor(len(parts)) as ex:
-            outs = ex.map(lambda x: x[0].generate(x[1], sampling if sampling.seed is None else dataclasses.replace(
-                sampling, seed=sampling.seed + x[2]), thinking=thinking, progress=progress), parts)
-            return [c for o in outs for c in o]
 
 
 def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, tokenizer, task_prompt, rewards):
@@ -657,8 +632,7 @@ def check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_siz
     temperature = args.temperature if args.temperature > 0 else 1.0
     probe = {"seqs": []}
     if rank == 0:
-        engines = engine.engines if isinstance(engine, SplitEngine) else [engine]
-        for e in engines:
+        for e in engine.replicas:  # each server on its own
             where = getattr(e, "url", "the vLLM engine")
             sampling = Sampling(probe_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=args.seed)
             c = e.generate([PROBE_PROMPT], sampling)[0]
@@ -695,194 +669,21 @@ def check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_siz
 # Weight sync to the engine, and the worker extension that --engine remote servers load
 
 
-def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
+def push_weights(args, model, engine, lora_scale, version, rank):
     """Every rank calls this (gathering FSDP2 shards is a collective); rank 0 pushes."""
-    if args.engine == "hf" and lora_scale:  # adapter-only sync: the snapshot is a peft model too
+    if lora_scale:  # adapter-only sync: a few MB of adapter in a folder instead of the full weights
         if rank == 0:
-            snapshot[0].load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
-        return
-    if lora_scale:  # adapter-only sync to vLLM: a few MB of adapter in a folder instead of the full weights
-        push_adapter(args, model, engine, version)
+            engines.push_adapter(model, engine, args.sync_dir or os.path.join(args.output_dir, "sync"), version,
+                                 resumed=args.resume)
         return
     sd = full_state_dict(model)
-    if rank != 0:
-        return
-    if args.engine == "hf":
-        snapshot[0].load_state_dict(sd)
-    else:  # vLLM serves bf16: send half the bytes
-        sd = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(sd, lora_scale).items()}
-        if args.engine == "vllm":
-            engine.load_weights(sd.items())
-        else:
-            push_remote(args, sd, version)
+    if rank == 0:
+        engine.load_weights(sd.items(), version)
 
 
-def server_post(base, endpoint, body, what, hint, timeout=3600, reply=None):
-    """POST body to a vLLM server's base/endpoint: None if it answered 200 (its text appended to `reply`, a
-    list, when given), else an error naming the server."""
-    import httpx
-
-    try:
-        r = httpx.post(f"{base}/{endpoint}", json=body, timeout=timeout)
-    except httpx.HTTPError as e:
-        return f"vLLM server {base} did not answer {what} ({type(e).__name__}: {e}); is it still running?"
-    if r.status_code != 200:
-        return f"vLLM server {base} refused {what} (HTTP {r.status_code}: {r.text[:300]}); {hint}"
-    if reply is not None:
-        reply.append(r.text)
-    return None
-
-
-def prune_versions(root, prefix, oldest_kept):
-    """Delete the sync folders <root>/<prefix>NNNNN older than <prefix><oldest_kept>."""
-    for d in os.listdir(root):
-        if d.startswith(prefix) and d < f"{prefix}{oldest_kept:05d}":
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-
-
-_RESUME_TAG = {}
-
-
-def push_adapter(args, model, engine, version):
-    """--lora-r with vLLM: save the adapter (PEFT layout) to <sync-dir>/lora_vNNNNN, then the colocated
-    engine generates through it, or each server loads it (POST /v1/load_lora_adapter; the servers run with
-    --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and see the folder on a shared filesystem)
-    and serves it under the name policy-vN, which the rollout requests then ask for. A new name and folder
-    per version is what keeps a server's prefix cache honest (its keys hold the adapter's name and path,
-    not its weights); a resumed run pushes versions the servers may have seen from the run before it,
-    with other weights, so its names and folders carry a tag of this process (policy-vN-rTAG)."""
-    root = os.path.abspath(args.sync_dir or os.path.join(args.output_dir, "sync"))
-    tag = ""
-    if args.resume:  # one tag per trainer process: pid + clock
-        tag = "-r" + _RESUME_TAG.setdefault("tag", f"{os.getpid()}{int(time.time()) % 100000:05d}")
-    path, name = os.path.join(root, f"lora_v{version:05d}{tag}"), f"policy-v{version}{tag}"
-    model.save_pretrained(path)
-    if args.engine == "vllm":
-        engine.load_lora(path, version)
-    else:
-        errors = []
-        for e in engine.engines:  # one OpenAIEngine per server; base = http://host:port/v1
-            base, old = e.url.rsplit("/chat/completions", 1)[0], e.model
-            err = server_post(base, "load_lora_adapter", {"lora_name": name, "lora_path": path}, "load_lora_adapter",
-                              "start it with --enable-lora --max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,"
-                              f" with {root} on a filesystem it can read", timeout=600)
-            if err:
-                errors.append(err)
-                continue
-            e.model = name
-            if old.startswith("policy-v"):  # the previous version: nothing is generating with it now
-                err = server_post(base, "unload_lora_adapter", {"lora_name": old}, "unload_lora_adapter", "", 600)
-                if err:  # costs the server some memory, not correctness
-                    print0(f"warning: {err}")
-        if errors:
-            raise RuntimeError("weight sync failed: " + "; ".join(errors))
-    prune_versions(root, "lora_v", version - 1)  # keep the one before too: a server may still be reading it
-
-
-def reset_prefix_caches(urls, attempts=5):
-    """POST /reset_prefix_cache on every server after a weight load. An in-place reload leaves vLLM's prefix
-    cache alone, so a prompt that shares full KV blocks (128 tokens on vLLM's CPU build, 16 on GPUs) with an
-    earlier request reuses keys and values computed with the old weights (tests/test_vllm_server.py: an
-    876-token prompt's log-probs then matched neither the old nor the new weights). The route needs
-    VLLM_SERVER_DEV_MODE=1; {"success": false} means running requests still hold blocks, so it is retried
-    (none should run: the producer waits on the engine lock during a push)."""
-    errors = []
-    for url in urls:
-        for attempt in range(attempts):
-            reply = []
-            err = server_post(url, "reset_prefix_cache", None, "reset_prefix_cache", "start it with "
-                              "VLLM_SERVER_DEV_MODE=1 (else its prefix cache keeps KV computed with old weights)",
-                              600, reply)
-            if err or '"success":false' not in reply[0].replace(" ", ""):
-                break
-            err = f"vLLM server {url} kept its prefix cache after {attempt + 1} resets (blocks still held)"
-            time.sleep(1.0)
-        if err:
-            errors.append(err)
-    return errors
-
-
-_NCCL = {}
-
-
-def push_remote(args, sd, version):
-    """--engine remote: NCCL broadcast into VLLMServerSync.qed_nccl_recv, or safetensors the servers reload."""
-    urls = [u.strip().rstrip("/") for u in args.servers.split(",") if u.strip()]
-    errors = []  # the rpc threads' failures, raised by join() in the trainer's thread
-
-    def rpc(url, method, *a):
-        err = server_post(url, "collective_rpc", {"method": method, "args": [str(x) for x in a]}, method,
-                          "start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
-        if err:
-            errors.append(err)
-
-    def on_all(method, per_url):  # per_url: the rpc arguments of each server
-        ts = [threading.Thread(target=rpc, args=(u, method, *a)) for u, a in zip(urls, per_url)]
-        for t in ts:
-            t.start()
-        return ts
-
-    def join(ts):
-        for t in ts:
-            t.join()
-        if errors:
-            raise RuntimeError("weight sync failed: " + "; ".join(errors))
-
-    if args.weight_sync == "fs":
-        from safetensors.torch import save_file
-
-        path = os.path.abspath(os.path.join(args.sync_dir or os.path.join(args.output_dir, "sync"), f"v{version:05d}"))
-        os.makedirs(path, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
-        join(on_all("qed_load_dir", [[path]] * len(urls)))
-        errors.extend(reset_prefix_caches(urls))
-        join([])  # raises what failed
-        prune_versions(os.path.dirname(path), "v", version)  # every server holds it: older copies fill the disk
-        return
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    if "comm" not in _NCCL:  # one group: the trainer (rank 0) and every server GPU
-        host, port = args.nccl_master.rsplit(":", 1)
-        world = 1 + len(urls) * args.server_gpus
-        ts = on_all("qed_nccl_init", [[host, port, 1 + i * args.server_gpus, world] for i in range(len(urls))])
-        pg = StatelessProcessGroup.create(host=host, port=int(port), rank=0, world_size=world)
-        _NCCL["comm"] = PyNcclCommunicator(pg, device=torch.cuda.current_device())
-        join(ts)
-    ts = on_all("qed_nccl_recv", [[json.dumps([[k, str(v.dtype)[6:], list(v.shape)] for k, v in sd.items()])]] * len(urls))
-    for v in sd.values():
-        _NCCL["comm"].broadcast(v.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
-    join(ts)
-    errors.extend(reset_prefix_caches(urls))
-    join([])
-
-
-class VLLMServerSync(rc_decode.VLLMWeightSync):
-    """vLLM worker extension for --engine remote (`vllm serve ... --worker-extension-cls rl.VLLMServerSync`):
-    what the trainer calls through /collective_rpc (string arguments) to load new weights. Loading goes
-    through rc_decode.VLLMWeightSync's in-place reload: vLLM repacks some weights after loading (its
-    CPU backend empties the original linear weights), and model.load_weights alone then fails."""
-
-    def qed_load_dir(self, path):
-        return self._qed_load(path=path)
-
-    def qed_nccl_init(self, host, port, rank_offset, world_size):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        pg = StatelessProcessGroup.create(host=host, port=int(port), rank=get_world_group().rank + int(rank_offset),
-                                          world_size=int(world_size))
-        self._qed_comm = PyNcclCommunicator(pg, device=self.device)
-
-    def qed_nccl_recv(self, meta_json):
-        pairs = []  # the whole model once more on the GPU, briefly: one reload instead of one per tensor
-        for name, dtype, shape in json.loads(meta_json):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._qed_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            pairs.append((name, t))
-        torch.cuda.synchronize()
-        return self._qed_load(pairs)
+# The worker extension of old server command lines (--worker-extension-cls rl.VLLMServerSync); it imports
+# the trainer into the server: engines.VLLMWorker does not.
+VLLMServerSync = engines.VLLMWorker
 
 
 # ---------------------------------------------------------------------------------------------
@@ -927,7 +728,7 @@ def from_rank0(obj, world_size):
 # other flag changes what the run trains on or how, so --resume with another value is refused.
 RESUME_FREE = {"resume", "overwrite", "stop_after", "save_every", "keep_last", "log_rollouts", "wandb_project",
                "servers", "nccl_master", "sync_dir", "judge_url", "judge_concurrency", "judge_timeout",
-               "judge_retries", "device"}
+               "judge_retries", "device", "gpu_memory_utilization", "vllm_gpu_memory_utilization"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1175,25 +976,16 @@ def build_policy(args, rank, world_size, device):
 
 def build_engines(args, tokenizer, snapshot):
     """Rank 0: the generation engine (the policy's weights) and the RC summarizer's (None: the engine)."""
-    from rc_decode import make_engine
-
-    if args.engine == "hf":
-        engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
-    elif args.engine == "vllm":
-        lora_kw = dict(enable_lora=True, max_lora_rank=args.lora_r, max_loras=1) if args.lora_r else {}
-        engine = make_engine("vllm", args.model, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
-                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                             enable_sleep_mode=args.vllm_sleep, max_model_len=args.max_model_len or None, **lora_kw)
-    else:
-        engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
-                                          logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
-                              for u in args.servers.split(",") if u.strip()])
+    # --engine hf generates on the snapshot; vLLM serves bf16 (the trainer keeps fp32 master weights)
+    engine = engines.from_args(args, snapshot[0] if snapshot else args.model, tokenizer=tokenizer, dtype="bfloat16",
+                               policy=True)
     summarizer = None
     if args.rc_turns and args.rc_summarizer_url:
-        summarizer = make_engine("openai", args.rc_summarizer, base_url=args.rc_summarizer_url, concurrency=512)
-    elif args.rc_turns and args.rc_summarizer != "policy":
+        summarizer = engines.from_args(args, args.rc_summarizer, "openai", args.rc_summarizer_url, concurrency=512)
+    elif args.rc_turns and args.rc_summarizer != "policy":  # a frozen local model (vLLM beside remote servers)
         kind = "hf" if args.engine == "hf" else "vllm"
-        summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
+        summarizer = engines.from_args(args, args.rc_summarizer, kind, dtype="bfloat16",
+                                       **(SUMMARIZER_VLLM if kind == "vllm" else {}))
     return engine, summarizer
 
 
@@ -1230,8 +1022,8 @@ def setup(args):
         task_prompt = None if args.prompt == "none" else args.prompt
         run.rewards = Rewards(reward_kind, run.problems, args)
         run.engine, summarizer = build_engines(args, tokenizer, snapshot)
-    if ckpt:  # the engine (the hf snapshot too) holds the start weights: push the resumed ones
-        push_weights(args, policy, run.engine, snapshot, lora_scale, run.state["step"], rank)
+    if ckpt:  # the engine loaded the start weights: push the resumed ones (hf: the same values its snapshot holds)
+        push_weights(args, policy, run.engine, lora_scale, run.state["step"], rank)
     if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
         check_sampler_logprobs(args, run.engine, policy, run.tap, tokenizer, rank, world_size)
     if rank == 0:
@@ -1274,10 +1066,11 @@ def train_and_push(run, micro, empty, step, timing):
     args = run.args
     t_train = time.time()
     stats, gnorm = TrainStats(), 0.0
-    sleeps = run.rank == 0 and args.engine == "vllm" and args.vllm_sleep
+    sleeps = run.rank == 0 and run.engine.sleeps
+    pause = contextlib.ExitStack()
     if sleeps:
         run.ro.lock.acquire()
-        run.engine.llm.sleep(level=1)
+        pause.enter_context(run.engine.paused())  # wakes the weights for the push, the KV cache at close()
     try:
         if not empty:
             try:
@@ -1288,21 +1081,19 @@ def train_and_push(run, micro, empty, step, timing):
         timing["train_s"] = time.time() - t_train
         t_sync = time.time()
         timing["sync_wait_s"] = 0.0
-        if sleeps:
-            run.engine.llm.wake_up(tags=["weights"])
         if not empty:
             if run.rank == 0 and not sleeps:
                 with run.ro.lock:  # waits for the batch being generated: its version stays truthful
                     timing["sync_wait_s"] = time.time() - t_sync
-                    push_weights(args, run.policy, run.engine, run.snapshot, run.lora_scale, step + 1, run.rank)
+                    push_weights(args, run.policy, run.engine, run.lora_scale, step + 1, run.rank)
                     run.ro.version = step + 1
             else:
-                push_weights(args, run.policy, run.engine, run.snapshot, run.lora_scale, step + 1, run.rank)
+                push_weights(args, run.policy, run.engine, run.lora_scale, step + 1, run.rank)
         if run.rank == 0:
             run.ro.version = step + 1
     finally:
         if sleeps:
-            run.engine.llm.wake_up(tags=["kv_cache"])
+            pause.close()
             run.ro.lock.release()
     timing["sync_s"] = time.time() - t_sync - timing["sync_wait_s"]  # the push itself
     return stats.reduce(run.world_size, run.device), gnorm

