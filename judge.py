@@ -738,6 +738,17 @@ def from_args(args, name=None, *, cache_path=None):
 # CLI: grade a JSONL file of proofs, incrementally and resumably
 
 
+def grades_by_key(records):
+    """key -> the grade record to use: a key's last record without an error, else its last record (one
+    with an error). Records without a key (written before grades were keyed) are left out."""
+    out = {}
+    for r in records:
+        k = r.get("key")
+        if k and (k not in out or r.get("error") is None or out[k].get("error") is not None):
+            out[k] = r
+    return out
+
+
 def grade_file(grader, input_path, output_path, *, progress=True):
     """Grade every row of `input_path` whose key (Grader.key: the content graded and the grader's
     settings) has no grade without an error in `output_path`, appending each grade as it arrives; at
@@ -763,10 +774,7 @@ def grade_file(grader, input_path, output_path, *, progress=True):
         common.append_jsonl(output_path, {"row": i, "id": rows[i].get("id"), "key": keys[i], **g.to_dict()})
 
     grades = grader.grade([rows[i] for i in todo], on_grade=record, progress=progress) if todo else []
-    by_key = {}
-    for r in common.read_jsonl(output_path):  # per key the last grade without an error, else the last one
-        if r.get("key") and (r.get("error") is None or by_key.get(r["key"], {}).get("error") is not None):
-            by_key[r["key"]] = r
+    by_key = grades_by_key(common.read_jsonl(output_path))
     tmp = output_path + ".tmp"
     with open(tmp, "w") as f:
         for i, r in enumerate(rows):
