@@ -52,6 +52,7 @@ import torch
 import checkpoint
 import common
 import engines
+import judge
 import rc_decode
 from checkpoint import barrier
 from common import print0
@@ -139,19 +140,25 @@ def get_args(argv=None):
                    "stop if the engine's log-probs of a short sample differ from the trainer's by more than this "
                    "many nats per token (a bf16 server vs the fp32 trainer: ~0.002 on the tiny model); < 0 = skip")
     # ---- reward
-    p.add_argument("--reward", choices=["auto", "judge", "answer"], default="auto",
-                   help="judge: rubric grade / 7 from judge.py; answer: last \\boxed{} vs the 'answer' column; "
-                   "auto: answer if the data has an 'answer' column")
-    p.add_argument("--judge-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"),
+    p.add_argument("--reward", choices=["auto", *judge.GRADERS], default="auto",
+                   help="a grader of judge.GRADERS: judge = rubric grade / 7 from the LLM judge (--judge-prompt); "
+                   "answer = last \\boxed{} vs the 'answer' column (math-verify); auto: answer if the data has an "
+                   "'answer' column, else judge")
+    p.add_argument("--judge-base-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"),
                    help="OpenAI-compatible judge endpoint up to /v1 (default: $JUDGE_BASE_URL or a local vLLM server)")
+    p.add_argument("--judge-url", dest="judge_base_url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--judge-model", default="openai/gpt-oss-20b", help="judge model name (released: gpt-oss-20b)")
+    p.add_argument("--judge-api-key-env", default="JUDGE_API_KEY", help="environment variable holding the judge's "
+                   "API key (unset = no Authorization header, fine for a local vLLM server)")
     p.add_argument("--judge-reasoning-effort", default="medium", help="sent as reasoning_effort (released: medium)")
     p.add_argument("--judge-temperature", type=float, default=1.0, help="judge sampling temperature (released: 1.0)")
     p.add_argument("--judge-prompt", default="rl_proof", help="prompts/judge_<name>.txt (rl_proof: correctness first, "
                    "the marking scheme advisory, valid alternative approaches credited; the self-evaluation is kept)")
     p.add_argument("--judge-concurrency", type=int, default=256, help="judge requests in flight")
-    p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge call")
-    p.add_argument("--judge-retries", type=int, default=4, help="retries per judge call (inside judge.py)")
+    p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge call, all of it (connect and every read)")
+    p.add_argument("--judge-max-retries", type=int, default=4, help="retries per judge call (inside judge.py)")
+    p.add_argument("--judge-retries", dest="judge_max_retries", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--group-retries", type=int, default=1, help="re-grade a group's failed items this many more "
                    "times before --judge-failures applies")
     p.add_argument("--judge-failures", choices=["zero", "skip"], default="zero", help="a grade still failed after "
@@ -265,27 +272,36 @@ def get_args(argv=None):
 # Data: problems and the batch order
 
 
+# The dataset column of each field a grader reads (FineProofs-RL's layout); other fields: their own name.
+# The gold answer doubles as the reference solution for judge prompts that use {reference}.
+GRADER_COLUMNS = {"problem": "problem", "rubric": "rubrics", "answer": "answer", "reference": "answer"}
+
+
 def load_problems(args):
-    """[{problem, rubric, answer}] from the dataset, and the reward kind; errors name file and column."""
+    """[{problem, rubric, answer, ...the grader's fields}] from the dataset, and the name of the grader
+    (--reward); errors name file and column."""
     rows = common.load_rows(args.data, split=args.data_split, config=args.data_config)
     cols = set(rows.column_names)
     if "problem" not in cols:
         raise common.InputError(f"{args.data}: no 'problem' column (columns: {sorted(cols)}); rl.py needs FineProofs-RL's "
                          "layout (problem, rubrics[, answer])")
     kind = args.reward if args.reward != "auto" else ("answer" if "answer" in cols else "judge")
-    need = "answer" if kind == "answer" else "rubrics"
-    if need not in cols:
-        raise common.InputError(f"{args.data}: --reward {kind} needs a '{need}' column (columns: {sorted(cols)})")
+    need = {f: GRADER_COLUMNS.get(f, f) for f in judge.required_fields(kind, args.judge_prompt) if f != "problem"}
+    for col in need.values():
+        if col not in cols:
+            raise common.InputError(f"{args.data}: --reward {kind} needs a '{col}' column (columns: {sorted(cols)})")
     out = []
     for i, r in enumerate(rows):
         if 0 <= args.max_problems <= len(out):
             break
         if not isinstance(r["problem"], str) or not r["problem"].strip():
             continue
-        if kind == "answer" and (r["answer"] is None or not str(r["answer"]).strip()):
-            raise common.InputError(f"{args.data}: row {i} has an empty 'answer'; fill it or drop the row")
-        out.append({"problem": r["problem"], "rubric": r.get("rubrics") or "",
-                    "answer": None if r.get("answer") is None else str(r["answer"])})
+        for col in need.values():
+            if r[col] is None or not str(r[col]).strip():
+                raise common.InputError(f"{args.data}: row {i} has an empty '{col}'; fill it or drop the row")
+        p = {f: None if r[c] is None else str(r[c]) for f, c in need.items()}
+        out.append(dict(p, problem=r["problem"], rubric=r.get("rubrics") or "",
+                        answer=None if r.get("answer") is None else str(r["answer"])))
     if not out:
         raise common.InputError(f"{args.data}: no usable rows (every 'problem' empty, or --max-problems 0)")
     return out, kind
@@ -552,38 +568,34 @@ def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, toke
 
 
 class Rewards:
-    """Final-answer rewards (computed at once) or judge grades (judge.submit futures resolved by the
-    trainer; failed items are re-graded --group-retries times, then their group is skipped)."""
+    """The rollouts' rewards from the grader --reward names (judge.from_args: the LLM judge, math-verify,
+    or any grader of judge.GRADERS). start() submits a batch's groups (a judge grades in the background;
+    rewards a grader gives at once are filled in right away), finish() fills in the rewards; failed items
+    are re-graded --group-retries times, then --judge-failures applies."""
 
     def __init__(self, kind, problems, args):
-        self.kind, self.problems, self.args, self.judge = kind, problems, args, None
-        if kind == "judge":
-            from judge import Judge
-
-            self.judge = Judge(args.judge_url, args.judge_model, prompt=args.judge_prompt,
-                               cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"),
-                               concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-                               max_retries=args.judge_retries, reasoning_effort=args.judge_reasoning_effort,
-                               extra_body={"temperature": args.judge_temperature})
+        self.problems, self.args = problems, args
+        self.grader = judge.from_args(args, kind, cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"))
 
     def items(self, g):
         p = self.problems[g["row"]]
-        return [{"problem": p["problem"], "proof": s["text"], "rubric": p["rubric"], "reference": p["answer"]}
-                for s in g["samples"]]
+        return [dict(p, proof=s["text"], reference=p["answer"]) for s in g["samples"]]
 
     def start(self, groups):
-        if self.kind == "answer":
-            from judge import answer_reward
+        future = self.grader.submit([it for g in groups for it in self.items(g)])
+        if future.done() and not any(x.error for x in future.result()):
+            n = self.args.samples_per_problem
+            for gi, g in enumerate(groups):
+                self._set(g, future.result()[gi * n:(gi + 1) * n])
+        return {"groups": groups, "t0": time.time(), "future": future}
 
-            for g in groups:
-                g["rewards"] = [answer_reward(s["text"], self.problems[g["row"]]["answer"]) for s in g["samples"]]
-                g["scores"] = [round(7 * x) for x in g["rewards"]]
-            return None
-        return {"groups": groups, "t0": time.time(),
-                "future": self.judge.submit([it for g in groups for it in self.items(g)])}
+    @staticmethod
+    def _set(g, gs):
+        g["rewards"] = [0.0 if x.error else float(x.reward) for x in gs]
+        g["scores"] = [x.score or 0 for x in gs]
 
     def finish(self, grading, stats):
-        """Fill in the judge's rewards. A grade still failed after --group-retries: reward 0 and trained
+        """Fill in the grader's rewards. A grade still failed after --group-retries: reward 0 and trained
         (--judge-failures zero, as released; counted in judge_failures), or its whole group is marked
         failed and skipped (--judge-failures skip; counted in groups_failed)."""
         if grading is None:
@@ -597,7 +609,7 @@ class Rewards:
                 if not bad:
                     break
                 stats["judge_regraded"] += len(bad)
-                for i, x in zip(bad, self.judge.grade([self.items(g)[i] for i in bad])):
+                for i, x in zip(bad, self.grader.grade([self.items(g)[i] for i in bad])):
                     gs[i] = x
             fresh = [x for x in gs if not x.cached and not x.truncated]
             stats["judge_calls"] += len(fresh)
@@ -607,8 +619,7 @@ class Rewards:
             if any(x.error for x in gs) and self.args.judge_failures == "skip":
                 g["failed"] = True
                 continue
-            g["rewards"] = [0.0 if x.error else float(x.reward) for x in gs]
-            g["scores"] = [x.score or 0 for x in gs]
+            self._set(g, gs)
         stats["grade_wait_s"] += time.time() - t0
 
 
@@ -727,8 +738,10 @@ def from_rank0(obj, world_size):
 # Flags a resumed run may change: where servers and judges live and how often to save or log. Every
 # other flag changes what the run trains on or how, so --resume with another value is refused.
 RESUME_FREE = {"resume", "overwrite", "stop_after", "save_every", "keep_last", "log_rollouts", "wandb_project",
-               "servers", "nccl_master", "sync_dir", "judge_url", "judge_concurrency", "judge_timeout",
-               "judge_retries", "device", "gpu_memory_utilization", "vllm_gpu_memory_utilization"}
+               "servers", "nccl_master", "sync_dir", "judge_base_url", "judge_api_key_env", "judge_concurrency",
+               "judge_timeout", "judge_max_retries", "device", "gpu_memory_utilization",
+               # old names, in runs saved before the renames
+               "judge_url", "judge_retries", "vllm_gpu_memory_utilization"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -235,6 +235,43 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
         srv.close()
 
 
+def test_grades_are_keyed_by_content(tiny_model_dir, tmp_path):
+    """Another judge model regrades every sample and regenerates nothing (it was refused before), and an
+    edited rubric regrades exactly that problem's samples: a grade counts for what it graded."""
+    data = tmp_path / "proofs.jsonl"
+    rows = [{"id": f"p{i}", "problem": f"[[p{i}]] Prove that {i} + 0 = {i}.", "rubric": "7 for a proof."}
+            for i in range(2)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    srv = FakeJudge({"p0": ["ok:7", "ok:2"], "p1": ["ok:3", "ok:5", "ok:6"]})
+    try:
+        out = str(tmp_path / "run")
+        argv = ["--model", tiny_model_dir, "--engine", "hf", "--device", "cpu", "--dtype", "float32",
+                "--benchmark", str(data), "--scaffold", "direct", "--n", "1", "--max-tokens", "8", "--allow-no-think",
+                "--out-dir", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
+        assert ev.main(argv + ["--judge-model", "m1"]) == 0
+        gens = common.read_jsonl(f"{out}/generations.jsonl")
+        assert ev.main(argv + ["--judge-model", "m1"]) == 0 and len(srv.requests()) == 2  # nothing to do
+        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert len(srv.requests()) == 4 and {e["body"]["model"] for e in srv.requests()[2:]} == {"m2"}
+        assert common.read_jsonl(f"{out}/generations.jsonl") == gens  # nothing regenerated
+        s = json.load(open(f"{out}/summary.json"))
+        assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 5) / 14)  # m2's grades, not m1's
+        rows[1]["rubric"] = "7 for a complete proof; 0 otherwise."
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]
+        s = json.load(open(f"{out}/summary.json"))
+        assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 6) / 14)
+    finally:
+        srv.close()
+
+
+def test_judge_flags_are_one_vocabulary():
+    a = ev.parse_args(["--judge-prompt", "proofbench", "--judge-model", "m", "--judge-api-key-env", "K"])
+    assert (a.grader, a.judge_model, a.judge_api_key_env) == ("proofbench", "m", "K")
+    assert ev.parse_args(["--grader", "answer"]).grader == "answer"
+
+
 class ScriptedEngine:
     """An rc_decode engine that answers each prompt with the completion scripted for the [[pid]] tag in
     it, in the shape a Qwen3-4B-Thinking-2507 model returns (its prompt ends with "<think>\n": no opening

@@ -506,6 +506,46 @@ def test_rl_judge_sees_the_proof_with_its_self_evaluation(tmp_path):
         server.shutdown()
 
 
+def test_judge_flags_old_spellings_are_aliases():
+    a = rl.get_args(["--judge-url", "http://j/v1", "--judge-retries", "2"])
+    b = rl.get_args(["--judge-base-url", "http://j/v1", "--judge-max-retries", "2"])
+    assert vars(a) == vars(b) and (a.judge_base_url, a.judge_max_retries, a.judge_api_key_env) == \
+        ("http://j/v1", 2, "JUDGE_API_KEY")
+    assert "judge_url" not in vars(a)
+
+
+def test_a_grader_registered_in_judge_is_an_rl_reward(tmp_path, monkeypatch):
+    """README, "Hacking: adding a grader": a Grader subclass in judge.GRADERS is a --reward; its rewards are
+    there when start() returns (it needs no server), a scorer's failure is a judge failure, never a 0."""
+    import judge
+
+    class Brevity(judge.Grader):
+        def score(self, answer, item):
+            return 7 if len(answer) <= 20 else 0
+
+    monkeypatch.setitem(judge.GRADERS, "brevity", Brevity)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"problem": "Say something short."}) + "\n")  # brevity needs no other column
+    args = tiny_args("--data", str(path), "--reward", "answer", "--samples-per-problem", "3",
+                     "--output-dir", str(tmp_path / "run"))
+    args.reward = "brevity"  # the flag's choices were read from judge.GRADERS at import, before this test
+    problems, kind = rl.load_problems(args)
+    assert kind == "brevity" and problems[0]["problem"] == "Say something short."
+    rewards = rl.Rewards(kind, problems, args)
+    group = {"row": 0, "failed": False, "samples": [{"text": "t</think>\nShort."}, {"text": "t</think>\n" + "x" * 30},
+                                                     {"text": "no think end: truncated"}]}
+    grading = rewards.start([group])
+    assert group["rewards"] == [1.0, 0.0, 0.0] and group["scores"] == [7, 0, 0]
+    stats = Counter()
+    rewards.finish(grading, stats)
+    assert group["rewards"] == [1.0, 0.0, 0.0] and stats["judge_failures"] == 0
+    monkeypatch.setattr(Brevity, "score", lambda self, answer, item: 1 / 0)
+    group = dict(group, failed=False)
+    del group["rewards"]
+    rewards.finish(rewards.start([group]), stats)
+    assert group["rewards"] == [0.0, 0.0, 0.0] and stats["judge_failures"] == 2  # the truncated one is a 0
+
+
 def test_bad_data_is_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"question": "x", "answer": "1"}) + "\n")
