@@ -16,6 +16,7 @@ import torch
 import common
 import engines as R
 import rc_decode
+import policy
 import rl
 from conftest import FakeServer
 
@@ -277,7 +278,7 @@ def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
         args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir", str(tmp_path)])
         engine = R.from_args(args)
         for version in (1, 2, 3):
-            rl.push_weights(args, model, engine, 2.0, version, 0)
+            policy.push_weights(args, model, engine, 2.0, version, 0)
         sync = tmp_path / "sync"
         assert sorted(os.listdir(sync)) == ["lora_v00002", "lora_v00003"]  # older adapters pruned
         files = sorted(os.listdir(sync / "lora_v00003"))
@@ -290,7 +291,7 @@ def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
         assert engine.engines[0].model == "policy-v3"  # the rollouts now ask for the newest adapter
         FakeVLLMServer.status = 400
         with pytest.raises(RuntimeError, match="refused load_lora_adapter.*--enable-lora"):
-            rl.push_weights(args, model, engine, 2.0, 4, 0)
+            policy.push_weights(args, model, engine, 2.0, 4, 0)
         assert engine.engines[0].model == "policy-v3"
     finally:
         FakeVLLMServer.status = 200
@@ -334,7 +335,7 @@ def test_resumed_lora_run_pushes_new_adapter_names_and_folders(tiny_model_dir, t
             args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir",
                                 str(tmp_path), *resume])
             engine = R.from_args(args)
-            rl.push_weights(args, model, engine, 2.0, 3, 0)
+            policy.push_weights(args, model, engine, 2.0, 3, 0)
         first, again = [b for p, b in FakeVLLMServer.calls if p == "/v1/load_lora_adapter"]
         assert first == {"lora_name": "policy-v3", "lora_path": str(tmp_path / "sync" / "lora_v00003")}
         assert again["lora_name"].startswith("policy-v3-r") and again["lora_path"].endswith(again["lora_name"][9:])

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import policy  # noqa: E402
 import rl  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def tiny_args(*extra):
 
 
 # ---------------------------------------------------------------------------------------------
-# the loss: a hand-computed example through rl.policy_loss -> kernels.linear_policy_loss
+# the loss: a hand-computed example through policy.policy_loss -> kernels.linear_policy_loss
 
 # Three completion tokens over a 4-token vocabulary. weight = identity, so logits = hidden = log(p)
 # and every probability below is exact. Sequence 0 has tokens 0 and 1, sequence 1 has token 2.
@@ -51,7 +52,7 @@ def hand_batch(agg, ratios=RATIOS):
              "weight": w[0], "ref_logp": [logp[0] + REF_SHIFT[0], logp[1] + REF_SHIFT[1]]},
             {"prompt_ids": [3], "completion_ids": TARGETS[2:], "old_logp": old[2:], "advantage": ADV[1],
              "weight": w[1], "ref_logp": [logp[2] + REF_SHIFT[2]]}]
-    mb = rl.make_microbatch(seqs, pad_id=3, device="cpu")
+    mb = policy.make_microbatch(seqs, pad_id=3, device="cpu")
     hidden = torch.tensor([[math.log(x) for x in row] for row in P], dtype=torch.float32, requires_grad=True)
     return mb, hidden, torch.eye(4), logp
 
@@ -87,7 +88,7 @@ def hand_expected(variant, logp):
 def test_policy_loss_variants_match_hand_computation(variant):
     args = rl.get_args(["--temperature", "1.0", *variant["flags"]])
     mb, hidden, weight, logp = hand_batch(variant.get("agg", "seq-sum"))
-    loss, stats = rl.policy_loss(hidden, weight, mb, args)
+    loss, stats = policy.policy_loss(hidden, weight, mb, args)
     assert loss.item() == pytest.approx(hand_expected(variant, logp), rel=1e-5, abs=1e-6)
     assert torch.allclose(stats["logp"], torch.tensor(logp), atol=1e-6)
     assert torch.allclose(stats["ratio"], torch.tensor(RATIOS), rtol=1e-5)
@@ -103,7 +104,7 @@ def test_cispo_keeps_the_gradient_of_clipped_tokens():
     for loss_name in ("cispo", "ppo"):
         args = rl.get_args(["--loss", loss_name, *flags])
         mb, hidden, weight, logp = hand_batch("seq-sum", ratios=ratios)
-        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss, stats = policy.policy_loss(hidden, weight, mb, args)
         loss.backward()
         g = hidden.grad
         assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
@@ -143,7 +144,7 @@ def test_ppo_eps4_only_positive_advantages_above_5_lose_their_gradient():
 
     def grads(ratios):
         mb, hidden, weight, _ = hand_batch("seq-sum", ratios=ratios)
-        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss, stats = policy.policy_loss(hidden, weight, mb, args)
         loss.backward()
         return hidden.grad.clone(), stats["clipped"].tolist()
 
@@ -160,7 +161,7 @@ def test_importance_ratio_truncation():
 
     def grad_of_token0(r0):
         mb, hidden, weight, _ = hand_batch("seq-sum", ratios=[r0, 1.1, 0.7])
-        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss, stats = policy.policy_loss(hidden, weight, mb, args)
         loss.backward()
         return hidden.grad[0].clone(), stats["clipped"][0].item()
 
@@ -191,26 +192,26 @@ def test_packed_microbatch_matches_unpacked_forwards(tiny_model):
             ref_logp.append([lp[p - 1 + i, c].item() for i, c in enumerate(s["completion_ids"])])
     for s, lp in zip(seqs, ref_logp):
         s["old_logp"] = [x - 0.05 for x in lp]  # ratio exp(0.05) everywhere
-    mb = rl.make_microbatch(seqs, pad_id=0, device="cpu")
-    tap = rl.tap_hidden(tiny_model)
-    loss, stats = rl.microbatch_loss(tiny_model, tap, mb, args)
+    mb = policy.make_microbatch(seqs, pad_id=0, device="cpu")
+    tap = policy.tap_hidden(tiny_model)
+    loss, stats = policy.microbatch_loss(tiny_model, tap, mb, args)
     flat = [x for lp in ref_logp for x in lp]
     assert torch.allclose(stats["logp"].double(), torch.tensor(flat, dtype=torch.float64), atol=2e-4)
     expected = sum(-math.exp(0.05) * s["advantage"] * x * 0.1 for s, lp in zip(seqs, ref_logp) for x in lp)
     assert loss.item() == pytest.approx(expected, rel=1e-3)
-    again = rl.sequence_logprobs(tiny_model, tap, [dict(s) for s in seqs], 0.7, 0, max_tokens=9)  # 3 micro-batches
+    again = policy.sequence_logprobs(tiny_model, tap, [dict(s) for s in seqs], 0.7, 0, max_tokens=9)  # 3 micro-batches
     assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=2e-4) for a, b in zip(again, ref_logp))
 
 
 def test_plan_microbatches_balances_ranks_and_pads():
     seqs = [{"num_tokens": n, "i": i} for i, n in enumerate([50, 40, 30, 20, 10, 5])]
-    plan = rl.plan_microbatches(seqs, world_size=2, max_tokens=60)
+    plan = policy.plan_microbatches(seqs, world_size=2, max_tokens=60)
     assert len(plan[0]) == len(plan[1])  # same number of forwards on every rank
     got = sorted(s["i"] for rank in plan for m in rank for s in m)
     assert got == list(range(6))
     assert all(sum(s["num_tokens"] for s in m) <= 60 for rank in plan for m in rank)
-    assert rl.plan_microbatches([], 3, 10) == [[[]], [[]], [[]]]  # a dummy micro-batch each
-    assert rl.make_microbatch([], 0, "cpu")["weights"].tolist() == [0.0]
+    assert policy.plan_microbatches([], 3, 10) == [[[]], [[]], [[]]]  # a dummy micro-batch each
+    assert policy.make_microbatch([], 0, "cpu")["weights"].tolist() == [0.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
     engine = Rec(make_engine("hf", model, tokenizer=tok))
     ro = SimpleNamespace(lock=threading.Lock(), version=0)
     batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
-                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
+                           snapshot=(model, policy.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
                            rewards=rl.Rewards(kind, problems, args))
     (prompts, sampling), = calls
     rows = [g["row"] for g in batch["groups"]]
@@ -292,7 +293,7 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
     assert prompts[0][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.8, 1.0, 0, 4)
     s = batch["groups"][0]["samples"][0]
-    lp = rl.sequence_logprobs(model, rl.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
+    lp = policy.sequence_logprobs(model, policy.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
                               tok.pad_token_id, 4096)[0]
     assert lp == pytest.approx(s["old_logp"], abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
 
@@ -305,8 +306,8 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
              "weight": 1.0, "num_tokens": 5}]  # an exploding importance ratio: inf loss, NaN gradient
     args = rl.get_args(["--temperature", "1.0", "--loss", "truncate", "--ratio-cap", "1e38"])
     opt = torch.optim.AdamW(params, lr=1e-3)
-    with pytest.raises(rl.NonFiniteError, match="gradient norm is nan"):
-        rl.train_step(model, rl.tap_hidden(model), None, None, opt, params, [seqs], args, 1e-3, 0, torch.device("cpu"))
+    with pytest.raises(policy.NonFiniteError, match="gradient norm is nan"):
+        policy.train_step(model, policy.tap_hidden(model), None, None, opt, params, [seqs], args, 1e-3, 0, torch.device("cpu"))
     assert all(torch.equal(p, q) for p, q in zip(params, before))  # no optimizer step was taken
     for bad in (["--lr", "inf"], ["--lr", "0"], ["--max-steps", "0"], ["--temperature", "-1"]):
         with pytest.raises(common.InputError, match=bad[0]):
@@ -328,7 +329,7 @@ def test_sigterm_saves_the_step_and_exits_143(tiny_model_dir, tmp_path):
     """DeepSpeed divided the released trainer's gradient by its accumulation steps x ranks (64 in stage 2)
     before its 0.3 clip; ours is the plain gradient, so the same clip is 0.3 x 64 on it."""
     model = common.load_model(tiny_model_dir, dtype=torch.float32)
-    tap = rl.tap_hidden(model)
+    tap = policy.tap_hidden(model)
     seqs = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "old_logp": [-12.0, -12.0], "advantage": 1.0,
              "weight": 1.0, "num_tokens": 5}]
     norms = []
@@ -337,7 +338,7 @@ def test_sigterm_saves_the_step_and_exits_143(tiny_model_dir, tmp_path):
         params = [p for p in model.parameters()]
         opt = torch.optim.AdamW(params, lr=0.0)
         opt.step = lambda: norms.append(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item())
-        _, raw, _ = rl.train_step(model, tap, None, None, opt, params, [seqs], args, 0.0, 0, torch.device("cpu"))
+        _, raw, _ = policy.train_step(model, tap, None, None, opt, params, [seqs], args, 0.0, 0, torch.device("cpu"))
         assert raw > 1e-2  # the clip is active in both runs
     assert norms[0] == pytest.approx(64e-4, rel=1e-4) and norms[1] == pytest.approx(1e-4, rel=1e-4)
 
@@ -397,7 +398,7 @@ def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
     ro = SimpleNamespace(lock=threading.Lock(), version=3)
     summarizer = make_engine("hf", tiny_instruct_dir, device="cpu", dtype=torch.float32)
     batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=summarizer,
-                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
+                           snapshot=(model, policy.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
                            rewards=rl.Rewards(kind, problems, args))
     assert len(batch["groups"]) == 4 and all(g["version"] == 3 for g in batch["groups"])
     assert any(g["state"] is not None for g in batch["groups"])

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import engines  # noqa: E402
 import rc_decode as R  # noqa: E402
+import policy  # noqa: E402
 import rl  # noqa: E402
 
 # what a generation server for rl.py --engine remote runs (README "The paper's run"; rl.py's docstring):
@@ -121,10 +122,10 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
 
 
 def trainer_logprobs(model, c, tokenizer):
-    """The trainer's log-probs (temperature 1) of a completion's tokens, through rl.sequence_logprobs."""
+    """The trainer's log-probs (temperature 1) of a completion's tokens, through policy.sequence_logprobs."""
     seq = {"prompt_ids": c.prompt_token_ids, "completion_ids": c.token_ids, "old_logp": [0.0] * len(c.token_ids),
            "weight": 0.0, "advantage": 0.0}
-    return torch.tensor(rl.sequence_logprobs(model, rl.tap_hidden(model), [seq], 1.0, tokenizer.pad_token_id, 4096)[0])
+    return torch.tensor(policy.sequence_logprobs(model, policy.tap_hidden(model), [seq], 1.0, tokenizer.pad_token_id, 4096)[0])
 
 
 def served_matches(engine, model, tokenizer, old=None):
@@ -265,7 +266,7 @@ class FakeChatServer(http.server.BaseHTTPRequestHandler):
         seq = {"prompt_ids": prompt, "completion_ids": completion, "old_logp": [0.0] * len(completion),
                "weight": 0.0, "advantage": 0.0}
         t = cls.logprob_temperature or body["temperature"]
-        lps = rl.sequence_logprobs(cls.model, rl.tap_hidden(cls.model), [seq], t, cls.tokenizer.pad_token_id, 4096)[0]
+        lps = policy.sequence_logprobs(cls.model, policy.tap_hidden(cls.model), [seq], t, cls.tokenizer.pad_token_id, 4096)[0]
         out = {"choices": [{"message": {"content": "x"}, "finish_reason": "length", "token_ids": completion,
                             "logprobs": {"content": [{"logprob": x} for x in lps]}}], "prompt_token_ids": prompt}
         data = json.dumps(out).encode()
@@ -319,12 +320,12 @@ def test_startup_probe_needs_processed_logprobs(tiny_model_dir, tmp_path, mode):
             args = rl.get_args(argv)
             engine = engines.from_args(args)
             policy = common.load_model(tiny_model_dir, dtype=torch.float32)
-            rl.check_sampler_logprobs(args, engine, policy, rl.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
+            policy.check_sampler_logprobs(args, engine, policy, policy.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
             with torch.no_grad():  # a server with other weights (not the ones the trainer starts from)
                 for p in FakeChatServer.model.parameters():
                     p.add_(0.05 * torch.randn_like(p))
             with pytest.raises(RuntimeError, match="differ from the trainer's.*--logprob-probe-tol"):
-                rl.check_sampler_logprobs(args, engine, policy, rl.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
+                policy.check_sampler_logprobs(args, engine, policy, policy.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
     finally:
         server.shutdown()
 
