@@ -927,6 +927,16 @@ class VLLMWorker:
 ENGINES = {"hf": HFEngine, "vllm": VLLMEngine, "openai": OpenAIEngine, "remote": RemoteVLLMEngine}
 
 
+def kinds(trainable=False):
+    """The --engine choices of a stage: every engine that generates on its own (remote needs rl.py's
+    servers), or with trainable=True those that take trainer weights (rl.py). Read at parse time, so an
+    engine added to ENGINES is offered by every stage without touching it."""
+    if trainable:
+        # a factory function (not a class) cannot be asked: offered, and it refuses a push by itself
+        return [k for k, c in ENGINES.items() if not isinstance(c, type) or c.load_weights is not Engine.load_weights]
+    return [k for k in ENGINES if k != "remote"]
+
+
 def make_engine(kind, model, **kw):
     """An engine of ENGINES[kind] (the contract: the module docstring).
     kind "hf": model = hub id / folder / loaded model (+ tokenizer=); "vllm": hub id / folder;
@@ -983,8 +993,10 @@ def from_args(args, model=None, kind=None, base_url=None, policy=False, **kw):
                      concurrency=_flag(args, "concurrency", 32), timeout=_flag(args, "timeout", 3600.0),
                      max_retries=_flag(args, "max_retries", 6),
                      send_thinking=not _flag(args, "no_template_kwargs", False))
-    else:
+    elif kind == "remote":
         model = args.served_model or args.model
         flags = dict(servers=args.servers.split(","), weight_sync=args.weight_sync, nccl_master=args.nccl_master,
                      sync_dir=args.sync_dir or os.path.join(args.output_dir, "sync"), server_gpus=args.server_gpus)
+    else:  # an engine added to ENGINES: the model and what it says it needs of the shared flags
+        flags = {name: _flag(args, name) for name in getattr(ENGINES[kind], "flags", ())}
     return make_engine(kind, model, **{**flags, **kw})

@@ -17,7 +17,7 @@ the sample std (ddof=1) of the run means. Every benchmark is judge-graded (IMO-A
 LLM compares the last \\boxed{} with the gold answer; --grader answer = math-verify, offline); the
 default judge is Gemini 3 Pro through its OpenAI-compatible endpoint, key in $JUDGE_API_KEY; any
 `vllm serve` judge works with --judge-base-url/--judge-model. Everything goes to
---out-dir, line by line as it is produced: generations.jsonl, grades.jsonl (with the judge's full
+--output-dir, line by line as it is produced: generations.jsonl, grades.jsonl (with the judge's full
 reply), summary.json, report.md, scores.png, args.json, judge_cache.sqlite. Rerunning the same
 command resumes: finished samples are not regenerated and graded ones are not re-graded (a grade
 that failed after retries is retried). A larger --n adds samples to the same directory.
@@ -91,7 +91,7 @@ def build_parser():
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny = offline CPU run (flags you pass win)")
     # ---- model and engine
     p.add_argument("--model", default="lm-provers/QED-Nano", help="hub id or folder (openai engine: served name)")
-    p.add_argument("--engine", default="vllm", choices=["hf", "vllm", "openai"], help="generation engine (engines.py)")
+    p.add_argument("--engine", default="vllm", choices=engine_lib.kinds(), help="generation engine (engines.py)")
     p.add_argument("--device", default="auto", help="hf engine: auto|cpu|cuda")
     p.add_argument("--dtype", default="bfloat16", help="hf/vllm weights dtype")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
@@ -160,12 +160,13 @@ def build_parser():
     p.add_argument("--judge-max-retries", type=int, default=6, help="retries on 429/5xx/timeouts")
     p.add_argument("--judge-backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, jitter)")
     # ---- output
-    p.add_argument("--out-dir", default="", help="results folder ('' = runs/eval/<model>-<benchmark>-<scaffold>)")
+    p.add_argument("--output-dir", "--out-dir", dest="out_dir", default="",
+                   help="results folder ('' = runs/eval/<model>-<benchmark>-<scaffold>); --out-dir is its old name")
     p.add_argument("--view", default="", metavar="RUN_DIR", help="only (re)write RUN_DIR/report.html, the trace "
                    "viewer, from the files an eval.py run wrote there (no model, no judge)")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="compare finished eval folders of one "
                    "benchmark: compare.md (avg@n (std) per folder and subset, per-problem deltas vs the first), "
-                   "compare.png and report.html with the folders side by side, into --out-dir "
+                   "compare.png and report.html with the folders side by side, into --output-dir "
                    "('' = runs/compare-<names>)")
     return p
 
@@ -466,7 +467,7 @@ class GradeLog:
 def evaluate(args):
     """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
     out = args.out_dir
-    common.writable_path(out, "--out-dir", folder=True)  # before the benchmark, the model or the judge
+    common.writable_path(out, "--output-dir (--out-dir)", folder=True)  # before the benchmark, the model or the judge
     problems, grader, breakdowns, source, mapping = load_benchmark(
         args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
         limit=args.limit)
@@ -488,7 +489,7 @@ def evaluate(args):
         if diff:
             was = ", ".join(f"--{k.replace('_', '-')} {old[k]!r}" for k in diff)
             raise common.InputError(f"{out} holds a run made with different settings ({was}); "
-                             "rerun with those flags to resume it, or pass a new --out-dir")
+                             "rerun with those flags to resume it, or pass a new --output-dir")
     with open(args_path, "w") as f:
         json.dump(vars(args), f, indent=2)
 

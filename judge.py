@@ -243,11 +243,10 @@ def template_fields(template):
     return [f for f in TEMPLATE_FIELDS if "{" + f + "}" in template]
 
 
-def render_prompt(template, fields):
-    """Fill the {placeholders} of `fields` in one pass (text inside a field, e.g. a problem quoting
-    "{proof}", is never re-read as a placeholder). Not str.format: proofs are full of LaTeX braces."""
-    pattern = re.compile(r"\{(" + "|".join(map(re.escape, fields)) + r")\}")
-    return pattern.sub(lambda m: fields[m.group(1)], template) if fields else template
+def render_prompt(template, fields, what="the judge prompt"):
+    """Fill the {placeholders} of `fields` in one pass (common.fill_template: text inside a field, e.g. a
+    problem quoting "{proof}", is never re-read as a placeholder; LaTeX braces are left alone)."""
+    return common.fill_template(template, fields, known=TEMPLATE_FIELDS, what=what)
 
 
 # ---------------------------------------------------------------------------------------------

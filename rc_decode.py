@@ -379,7 +379,7 @@ def build_parser():
     p.add_argument("--model", default="lm-provers/QED-Nano",
                    help="hub id or local folder (hf, vllm); the served model name (openai)")
     p.add_argument("--tokenizer", default=None, help="tokenizer hub id/folder (default: --model)")
-    p.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm", "openai"],
+    p.add_argument("--engine", default="auto", choices=["auto", *engines.kinds()],
                    help="auto = vllm when it is installed and a GPU is present, else hf")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="hf engine device")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

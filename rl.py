@@ -117,7 +117,7 @@ def get_args(argv=None):
     p.add_argument("--drop-flat-groups", action="store_true", help="drop zero-variance groups instead of training "
                    "them (released: kept, only the entropy term acts on them)")
     # ---- engine
-    p.add_argument("--engine", choices=["vllm", "hf", "remote"], default="vllm",
+    p.add_argument("--engine", choices=engines.kinds(trainable=True), default="vllm",
                    help="vllm: in-process, colocated, asleep during train steps; hf: engines.py's HF engine on a "
                    "snapshot of the policy (CPU, tests); remote: vLLM servers (--servers)")
     p.add_argument("--servers", default="", help="comma-separated base URLs of vLLM servers, e.g. http://gen0:8000")

@@ -60,7 +60,7 @@ def load_run(run_dir, problems=None, breakdowns=None, grader=None):
     args_path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(args_path):
         raise ValueError(f"{run_dir}: no args.json, so this is not an eval.py output folder "
-                         "(pass the --out-dir of an eval.py run)")
+                         "(pass the --output-dir of an eval.py run)")
     with open(args_path) as f:
         args = json.load(f)
     summary = None
@@ -586,7 +586,7 @@ def cli(args):
         raise ValueError("--view and --compare are separate commands: give one of them")
     if args.view:
         if not os.path.isdir(args.view):
-            raise ValueError(f"--view {args.view}: no such folder (pass the --out-dir of an eval.py run)")
+            raise ValueError(f"--view {args.view}: no such folder (pass the --output-dir of an eval.py run)")
         print(f"wrote {render_run(args.view)}", flush=True)
         return 0
     compare(args.compare, args.out_dir)

@@ -563,3 +563,33 @@ def test_from_args_is_the_one_flags_to_engine_adapter(monkeypatch, tmp_path):
     assert remote.sync_dir == os.path.join(str(tmp_path), "sync") and not remote.sleeps
     with pytest.raises(ValueError, match="unknown engine kind"):
         R.make_engine("tgi", "x")
+
+
+class ShoutEngine(R.Engine):
+    """The README's worked example of a new engine: one class, one ENGINES entry."""
+    flags = ("device",)  # the shared flags it reads (from_args passes them as keywords)
+
+    def __init__(self, model, device=None):
+        self.model = model
+        self.device = device
+        self.tokenizer = None
+        self.context_length = None
+
+    def generate(self, prompts, sampling, thinking=True, progress=None):
+        out = []
+        for messages in prompts:
+            text = f"<think>{messages[-1]['content'][:20]}</think>{messages[-1]['content'].upper()}"
+            out.append(R.Completion(text, None, None, "stop", num_tokens=len(text)))
+        return out
+
+
+def test_an_engine_added_to_engines_is_offered_by_every_stage(monkeypatch, tmp_path):
+    monkeypatch.setitem(R.ENGINES, "shout", ShoutEngine)
+    assert "shout" in R.kinds() and "shout" not in R.kinds(trainable=True)  # no load_weights: not for rl.py
+    out = tmp_path / "traces.jsonl"
+    rc_decode.main(["--engine", "shout", "--model", "m", "--device", "cpu", "--scaffold", "direct",
+                    "--problem", "prove that 1 + 1 = 2", "--output", str(out), "--no-progress"])
+    (trace,) = common.read_jsonl(str(out))
+    assert "PROVE THAT 1 + 1 = 2" in trace["final_completion"] and trace["id"] == "problem"
+    import eval as ev
+    assert ev.parse_args(["--engine", "shout", "--benchmark", "x.jsonl"]).engine == "shout"
