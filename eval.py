@@ -376,7 +376,7 @@ def write_report(out_dir, summary, args, title):
 # prompt regrades exactly what it changes and keeps the generations.
 RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "scaffold", "temperature", "top_p",
                "top_k", "max_tokens", "turns", "summary_tokens", "summary_temperature", "summarizer_model",
-               "verify_tokens", "task_prompt"]
+               "verify_tokens", "task_prompt", "seed", "dtype"]
 # New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
 # max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
 DEFAULT_MAX_TOKENS = 229376
@@ -464,13 +464,9 @@ class GradeLog:
         return [by_key[k] for k in keys.values() if k in by_key]
 
 
-def evaluate(args):
-    """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
-    out = args.out_dir
-    common.writable_path(out, "--output-dir (--out-dir)", folder=True)  # before the benchmark, the model or the judge
-    problems, grader, breakdowns, source, mapping = load_benchmark(
-        args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
-        limit=args.limit)
+def check_run_dir(args, out, grader):
+    """Resolve --task-prompt (the benchmark's, else by grader), refuse to resume `out` with other settings
+    (RESUME_KEYS, each named), then record the args."""
     if not args.task_prompt:
         spec = BENCHMARKS.get(args.benchmark)
         # a grader of gold answers gets IMO-AnswerBench's "\\boxed{} answer" task, any other the proof task
@@ -489,10 +485,19 @@ def evaluate(args):
         if diff:
             was = ", ".join(f"--{k.replace('_', '-')} {old[k]!r}" for k in diff)
             raise common.InputError(f"{out} holds a run made with different settings ({was}); "
-                             "rerun with those flags to resume it, or pass a new --output-dir")
+                                    "rerun with those flags to resume it, or pass a new --output-dir")
     with open(args_path, "w") as f:
         json.dump(vars(args), f, indent=2)
 
+
+def evaluate(args):
+    """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
+    out = args.out_dir
+    common.writable_path(out, "--output-dir (--out-dir)", folder=True)  # before the benchmark, the model or the judge
+    problems, grader, breakdowns, source, mapping = load_benchmark(
+        args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
+        limit=args.limit)
+    check_run_dir(args, out, grader)
     args.grader = args.grader or grader
     title = f"{args.model} on {args.benchmark} ({args.scaffold}, {grader} grader)"
     print(f"{source}: {len(problems)} problems, columns {mapping}, grader {grader!r}, n={args.n}", flush=True)

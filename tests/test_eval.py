@@ -344,3 +344,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and err[-1].startswith("error: ") and msg in err[-1], p.stderr[-1500:]
         assert "Traceback" not in p.stderr
+
+
+def test_resume_refuses_another_seed_or_dtype(tiny_model_dir, tmp_path):
+    """A seed-7 bf16 sample must never be averaged into a seed-0 fp32 avg@n: the resume names the flag."""
+    out = str(tmp_path / "run")
+    argv = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "1", "--n", "1",
+            "--max-tokens", "4"]
+    assert ev.main(argv) == 0
+    for flag, value in (("--seed", "7"), ("--dtype", "bfloat16")):
+        with pytest.raises(common.InputError, match=f"different settings \\({flag} "):
+            ev.main(argv + [flag, value])
+    assert ev.main(argv) == 0  # the same command still resumes
