@@ -377,6 +377,22 @@ def read_jsonl(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the one preset mechanism of the stages
+
+
+def parse_with_preset(parser, argv, presets):
+    """Parse argv; when --preset names one of `presets` ({name: {dest: value}}), those values become the
+    defaults and argv is parsed again, so a flag typed explicitly still wins. Parsing has no side
+    effects: a preset names the tiny model's folder (TINY_MODEL_DIR), the stage builds it when it runs."""
+    args = parser.parse_args(argv)
+    preset = presets.get(getattr(args, "preset", None))
+    if preset:
+        parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
 # prompt templates and the data stream
 
 

@@ -81,7 +81,7 @@ TINY_DATA = os.path.join(HERE, "data", "tiny_eval.jsonl")
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-TINY = dict(model="", benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
+TINY = dict(model=common.TINY_MODEL_DIR, benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
             scaffold="direct", n=2, limit=6, max_tokens=24, turns=2, summary_tokens=16, verify_tokens=16,
             n_proofs=2, n_verify=1, rounds=1, chunk_size=6, out_dir=os.path.join("runs", "eval-tiny"))
 
@@ -565,20 +565,9 @@ def evaluate(args):
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_with_preset(build_parser(), argv, {"tiny": TINY})
     if args.view or args.compare:  # viewer.cli: no preset, no model
         return args
-    if args.preset == "tiny":
-        given = build_parser()  # which flags were typed: the preset fills in only the others
-        for a in given._actions:
-            a.default = argparse.SUPPRESS
-        given = vars(given.parse_args(argv))
-        for k, v in TINY.items():
-            if k not in given:
-                setattr(args, k, v)
-        if not args.model:
-            args.model = common.make_tiny_model()
     # -1 sentinels resolve here, so args.json records (and a resume compares) the values really used
     if args.max_tokens < 0:
         args.max_tokens = DEFAULT_MAX_TOKENS
@@ -600,6 +589,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.view or args.compare:
         return viewer.cli(args)
+    if args.model == common.TINY_MODEL_DIR:
+        common.make_tiny_model()
     summary = evaluate(args)
     c = summary["counts"]
     if c["ungraded"] or c["missing"] or summary["generation_errors"]:

@@ -452,12 +452,9 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.preset == "tiny":
-        parser.set_defaults(model=common.make_tiny_model(), **TINY_PRESET)
-        args = parser.parse_args(argv)
-        if args.problem is None and args.input is None:
-            args.problem = TINY_PROBLEM
+    args = common.parse_with_preset(parser, argv, {"tiny": dict(model=common.TINY_MODEL_DIR, **TINY_PRESET)})
+    if args.preset == "tiny" and args.problem is None and args.input is None:
+        args.problem = TINY_PROBLEM
     if (args.problem is None) == (args.input is None):
         parser.error("give exactly one of --problem TEXT or --input problems.jsonl")
     if args.problem is not None and not args.problem.strip():
@@ -594,6 +591,8 @@ def main(argv=None):
                   f"| scaffold {args.scaffold} | engine {args.engine} | model {args.model}")
     if not todo:
         return []
+    if args.model == common.TINY_MODEL_DIR:
+        common.make_tiny_model()
     reasoner = engines.from_args(args)
     summarizer = reasoner
     s_kind = args.summarizer_engine or args.engine

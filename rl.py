@@ -227,10 +227,7 @@ def get_args(argv=None):
     p.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (off by default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, sampling and init")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer device")
-    args = p.parse_args(argv)
-    if args.preset == "tiny":
-        p.set_defaults(**TINY)
-        args = p.parse_args(argv)
+    args = common.parse_with_preset(p, argv, {"tiny": TINY})
     if args.prompt != "none":  # a missing file or a template without {problem} fails here, before any model loads
         try:
             rc_decode.task_text("x", args.prompt)

@@ -109,11 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=-1,
                    help="save and exit after this step, to be --resume'd (jobs with a time limit; -1 = never)")
     p.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (off by default)")
-    args = p.parse_args(argv)
-    if args.preset == "tiny":  # preset values become the defaults, so flags given explicitly still win
-        p.set_defaults(**TINY)
-        args = p.parse_args(argv)
-    return args
+    return common.parse_with_preset(p, argv, {"tiny": TINY})
 
 
 def check_args(args, world_size):

@@ -149,3 +149,32 @@ def test_epoch_rows_is_one_shuffle_per_epoch_and_a_pure_function_of_the_position
     assert rows[:7] != rows[7:14]  # reshuffled each epoch
     assert common.epoch_rows(7, 3, 5, 9) == rows[5:14]  # a resume at any position continues the stream
     assert common.epoch_rows(7, 4, 0, 7) != rows[:7]  # the seed matters
+
+
+def test_parse_with_preset_sets_defaults_and_explicit_flags_win():
+    import argparse
+
+    def parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--preset", default="none")
+        p.add_argument("--lr", type=float, default=1e-6)
+        p.add_argument("--steps", type=int, default=150)
+        return p
+
+    presets = {"tiny": {"lr": 1e-3, "steps": 24}}
+    assert vars(common.parse_with_preset(parser(), ["--preset", "tiny"], presets)) == \
+        {"preset": "tiny", "lr": 1e-3, "steps": 24}
+    assert common.parse_with_preset(parser(), ["--preset", "tiny", "--steps", "5"], presets).steps == 5
+    assert common.parse_with_preset(parser(), [], presets).lr == 1e-6
+
+
+def test_stages_parse_their_presets_without_side_effects(tmp_path, monkeypatch):
+    """No stage builds the tiny model while parsing (it did in rc_decode and eval)."""
+    import eval as ev
+    import rc_decode
+    import rl
+    import sft
+
+    monkeypatch.setattr(common, "make_tiny_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    for parse in (sft.parse_args, rl.get_args, rc_decode.parse_args, ev.parse_args):
+        assert parse(["--preset", "tiny"]).model == common.TINY_MODEL_DIR
