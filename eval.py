@@ -108,12 +108,13 @@ def build_parser():
                    "scripts: 0.8; the model card's recommendation is --temperature 0.6 --top-p 0.95)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off, as the released run scripts)")
     p.add_argument("--top-k", type=int, default=0, help="top-k (0 = off, as the released run scripts)")
-    p.add_argument("--max-tokens", type=int, default=-1, help="new tokens per call: a direct proof, each rc "
+    p.add_argument("--reason-tokens", "--max-tokens", dest="max_tokens", type=int, default=-1,
+                   help="new tokens per call: a direct proof, each rc "
                    "reasoning turn, each verify-refine proof/refinement (-1 = 229376, the released run scripts' "
                    "budget for every call). A cap: the hf and vllm engines clamp each request to what the "
                    "model's context leaves after its prompt (a prompt that leaves no room is that sample's error)")
     p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--summary-tokens", type=int, default=-1, help="rc: summary budget in tokens (-1 = --max-tokens: "
+    p.add_argument("--summary-tokens", type=int, default=-1, help="rc: summary budget in tokens (-1 = --reason-tokens: "
                    "the released eval's summarizer is the model itself, thinking, with the turns' budget)")
     p.add_argument("--summary-temperature", type=float, default=-1.0, help="rc: summarizer temperature (-1 = "
                    "--temperature; the summarizer also uses --top-p/--top-k)")
@@ -124,7 +125,7 @@ def build_parser():
     p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
     p.add_argument("--rounds", type=int, default=2, help="verify-refine: refinement iterations")
     p.add_argument("--verify-tokens", type=int, default=-1, help="verify-refine: budget per verification "
-                   "(-1 = --max-tokens, as the released agent)")
+                   "(-1 = --reason-tokens, as the released agent)")
     p.add_argument("--task-prompt", default="", help="prompts/<name>.txt that turns a problem into the model's "
                    "task ('' = the benchmark's own: answerbench for IMO-AnswerBench and answer-graded files, "
                    "direct_proof otherwise); direct and rc scaffolds")

@@ -411,11 +411,11 @@ def build_parser():
     p.add_argument("--task-prompt", default="direct_proof",
                    help="prompts/<name>.txt that turns a problem into the task (direct_proof; answerbench)")
     p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--reason-budget", type=int, default=229376,
+    p.add_argument("--reason-tokens", "--reason-budget", dest="reason_budget", type=int, default=229376,
                    help="max new tokens per reasoning turn / proof (rc, direct, verify-refine); the released "
                         "eval's 229,376; clamped per request to what the model's context leaves")
-    p.add_argument("--summary-budget", type=int, default=-1,
-                   help="rc: max new tokens per summary (-1 = --reason-budget, the released eval; RL's "
+    p.add_argument("--summary-tokens", "--summary-budget", dest="summary_budget", type=int, default=-1,
+                   help="rc: max new tokens per summary (-1 = --reason-tokens, the released eval; RL's "
                         "instruct summarizer used 2048)")
     p.add_argument("--final-summary", action="store_true",
                    help="rc: also summarize the last turn (only RL's states need it; off in the released eval)")
@@ -423,8 +423,8 @@ def build_parser():
     p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
     p.add_argument("--refine-rounds", type=int, default=2, help="verify-refine: refinement rounds (0 = none)")
     p.add_argument("--n-critiques", type=int, default=2, help="verify-refine: lowest-scored reviews used to refine")
-    p.add_argument("--verify-budget", type=int, default=-1,
-                   help="verify-refine: max new tokens per verification (-1 = --reason-budget)")
+    p.add_argument("--verify-tokens", "--verify-budget", dest="verify_budget", type=int, default=-1,
+                   help="verify-refine: max new tokens per verification (-1 = --reason-tokens)")
     p.add_argument("--samples", type=int, default=1, help="independent traces per problem")
     # ---- sampling
     p.add_argument("--temperature", type=float, default=0.8,

@@ -356,3 +356,15 @@ def test_resume_refuses_another_seed_or_dtype(tiny_model_dir, tmp_path):
         with pytest.raises(common.InputError, match=f"different settings \\({flag} "):
             ev.main(argv + [flag, value])
     assert ev.main(argv) == 0  # the same command still resumes
+
+
+def test_one_flag_vocabulary_old_spellings_still_parse():
+    import rc_decode
+
+    for new, old in (("--reason-tokens", "--max-tokens"), ("--output-dir", "--out-dir")):
+        a, b = (ev.parse_args([flag, "7", "--benchmark", "x.jsonl"]) for flag in (new, old))
+        assert vars(a) == vars(b)
+    for new, old in (("--reason-tokens", "--reason-budget"), ("--summary-tokens", "--summary-budget"),
+                     ("--verify-tokens", "--verify-budget")):
+        a, b = (rc_decode.parse_args([flag, "7", "--problem", "p"]) for flag in (new, old))
+        assert vars(a) == vars(b) and a.reason_budget + a.summary_budget + a.verify_budget > 0
