@@ -583,6 +583,8 @@ def parse_args(argv=None):
         args.out_dir = os.path.join("runs", "eval", f"{name(args.model)}-{name(args.benchmark)}-{args.scaffold}")
     if args.n < 1 or args.chunk_size < 1:
         raise common.InputError("--n and --chunk-size must be >= 1")
+    if args.limit == 0 or args.limit < -1:  # 0 used to mean "everything" (limit > 0 cut the list)
+        raise common.InputError(f"--limit {args.limit}: give N >= 1 problems, or -1 for all of them")
     return args
 
 

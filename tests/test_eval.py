@@ -368,3 +368,10 @@ def test_one_flag_vocabulary_old_spellings_still_parse():
                      ("--verify-tokens", "--verify-budget")):
         a, b = (rc_decode.parse_args([flag, "7", "--problem", "p"]) for flag in (new, old))
         assert vars(a) == vars(b) and a.reason_budget + a.summary_budget + a.verify_budget > 0
+
+
+def test_limit_zero_is_refused_not_everything():
+    for bad in ("0", "-2"):
+        with pytest.raises(common.InputError, match=f"--limit {bad}: give N >= 1"):
+            ev.parse_args(["--limit", bad, "--benchmark", "x.jsonl"])
+    assert ev.parse_args(["--limit", "-1", "--benchmark", "x.jsonl"]).limit == -1
