@@ -239,6 +239,9 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
     mapping = resolve_columns(names, fields, explicit, required, source)
     problems, seen = [], set()
     for i, row in enumerate(ds):
+        if isinstance(row[mapping["problem"]], (int, float)):  # graded as text, but said: a column mix-up?
+            print(f"{source}: row {i}: the problem is a number ({row[mapping['problem']]!r}); check --columns",
+                  flush=True)
         p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
         p["id"] = p.get("id") or f"row-{i}"
         if p["id"] in seen:

@@ -287,10 +287,12 @@ def load_problems(args):
         if col not in cols:
             raise common.InputError(f"{args.data}: --reward {kind} needs a '{col}' column (columns: {sorted(cols)})")
     out = []
+    skipped = []
     for i, r in enumerate(rows):
         if 0 <= args.max_problems <= len(out):
             break
         if not isinstance(r["problem"], str) or not r["problem"].strip():
+            skipped.append(i)
             continue
         for col in need.values():
             if r[col] is None or not str(r[col]).strip():
@@ -298,6 +300,9 @@ def load_problems(args):
         p = {f: None if r[c] is None else str(r[c]) for f, c in need.items()}
         out.append(dict(p, problem=r["problem"], rubric=r.get("rubrics") or "",
                         answer=None if r.get("answer") is None else str(r["answer"])))
+    if skipped:  # said, not silent: a number here usually means a column mix-up
+        common.print0(f"{args.data}: skipped {len(skipped)} rows whose 'problem' is empty or not text (rows "
+                      f"{', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})")
     if not out:
         raise common.InputError(f"{args.data}: no usable rows (every 'problem' empty, or --max-problems 0)")
     return out, kind

@@ -375,3 +375,12 @@ def test_limit_zero_is_refused_not_everything():
         with pytest.raises(common.InputError, match=f"--limit {bad}: give N >= 1"):
             ev.parse_args(["--limit", bad, "--benchmark", "x.jsonl"])
     assert ev.parse_args(["--limit", "-1", "--benchmark", "x.jsonl"]).limit == -1
+
+
+def test_a_numeric_problem_is_said(tmp_path, capsys):
+    path = tmp_path / "nums.jsonl"
+    path.write_text("".join(json.dumps({"problem": 40 + i, "answer": "1"}) + "\n" for i in range(2)))
+    problems, *_ = ev.load_benchmark(str(path))
+    assert [p["problem"] for p in problems] == ["40", "41"]
+    out = capsys.readouterr().out
+    assert "row 0: the problem is a number (40); check --columns" in out and "row 1:" in out

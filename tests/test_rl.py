@@ -560,6 +560,16 @@ def test_bad_data_is_named(tmp_path):
         rl.load_problems(tiny_args("--data", str(path)))
 
 
+def test_skipped_problems_are_said(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ({"problem": "", "answer": "1"},
+                                                           {"problem": "What is 1?", "answer": "1"},
+                                                           {"problem": "  ", "answer": "2"})))
+    problems, _ = rl.load_problems(tiny_args("--data", str(path)))
+    assert [p["problem"] for p in problems] == ["What is 1?"]
+    assert "skipped 2 rows whose 'problem' is empty or not text (rows 0, 2)" in capsys.readouterr().out
+
+
 def test_checkpoint_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
     import shutil
 
