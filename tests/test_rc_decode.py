@@ -1,14 +1,12 @@
 """rc_decode.py: the RC / direct / verify-refine control flow on real generations of the tiny model, CLI
 resume, bad input (the engines themselves: tests/test_engines.py)."""
 
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest

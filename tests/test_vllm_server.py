@@ -319,13 +319,13 @@ def test_startup_probe_needs_processed_logprobs(tiny_model_dir, tmp_path, mode):
         else:
             args = rl.get_args(argv)
             engine = engines.from_args(args)
-            policy = common.load_model(tiny_model_dir, dtype=torch.float32)
-            policy.check_sampler_logprobs(args, engine, policy, policy.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
+            model = common.load_model(tiny_model_dir, dtype=torch.float32)
+            policy.check_sampler_logprobs(args, engine, model, policy.tap_hidden(model), FakeChatServer.tokenizer, 0, 1)
             with torch.no_grad():  # a server with other weights (not the ones the trainer starts from)
                 for p in FakeChatServer.model.parameters():
                     p.add_(0.05 * torch.randn_like(p))
             with pytest.raises(RuntimeError, match="differ from the trainer's.*--logprob-probe-tol"):
-                policy.check_sampler_logprobs(args, engine, policy, policy.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
+                policy.check_sampler_logprobs(args, engine, model, policy.tap_hidden(model), FakeChatServer.tokenizer, 0, 1)
     finally:
         server.shutdown()
 
