@@ -26,14 +26,23 @@ class InputError(ValueError):
 
 
 
+class NonFiniteError(ArithmeticError):
+    """A NaN/inf loss or gradient norm (sft.py, rl.py): training stops before the optimizer step, without
+    saving, so the last checkpoint stays the last good state."""
+
+
 def cli(main, argv=None):
     """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
-    without a traceback and exits with status 2; anything else propagates with its traceback."""
+    without a traceback and exits with status 2, a NonFiniteError (the step and the fix) with status 1;
+    anything else propagates with its traceback."""
     try:
         return main(argv) if argv is not None else main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def writable_path(path, flag, folder=False):

@@ -281,8 +281,7 @@ class TrainStats:
         return self
 
 
-class NonFiniteError(ArithmeticError):
-    """A NaN/inf loss or gradient: the run stops without saving (its last checkpoint stays the last good one)."""
+NonFiniteError = common.NonFiniteError
 
 
 def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad_id, device):

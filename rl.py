@@ -39,7 +39,6 @@ import os
 import queue
 import random
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -869,8 +868,4 @@ def plot_rewards(metrics_path, png_path, title="rl.py: mean reward per step"):
 
 
 if __name__ == "__main__":
-    try:
-        common.cli(lambda: main(get_args()))
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    common.cli(lambda: main(get_args()))

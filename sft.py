@@ -30,7 +30,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 
 import torch
@@ -388,8 +387,7 @@ def make_autocast(device, world_size, compute_dtype):
             and compute_dtype == torch.bfloat16 else contextlib.nullcontext())
 
 
-class NonFiniteError(ArithmeticError):
-    """A NaN/inf loss or gradient norm: the run stops without saving (its last checkpoint stays good)."""
+NonFiniteError = common.NonFiniteError
 
 
 def train_step(model, opt, trainable, batches, total_tokens, device, world_size, autocast, grad_clip):
@@ -629,8 +627,5 @@ def _train(args, rank, world_size, device, stop):
 if __name__ == "__main__":
     try:
         common.cli(lambda: train(parse_args()))
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         common.compute_cleanup()

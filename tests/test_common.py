@@ -178,3 +178,18 @@ def test_stages_parse_their_presets_without_side_effects(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "make_tiny_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
     for parse in (sft.parse_args, rl.get_args, rc_decode.parse_args, ev.parse_args):
         assert parse(["--preset", "tiny"]).model == common.TINY_MODEL_DIR
+
+
+def test_cli_prints_one_line_and_exits_2_for_bad_input_1_for_non_finite(capsys):
+    def fails(exc):
+        def main():
+            raise exc
+        return main
+
+    for exc, code in ((common.InputError("--data x.jsonl: line 3 is not JSON"), 2),
+                      (common.NonFiniteError("step 4: the gradient norm is nan"), 1)):
+        with pytest.raises(SystemExit) as e:
+            common.cli(fails(exc))
+        assert e.value.code == code and capsys.readouterr().err == f"error: {exc}\n"
+    with pytest.raises(KeyError):  # anything else keeps its traceback
+        common.cli(fails(KeyError("bug")))
