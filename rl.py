@@ -81,7 +81,7 @@ RELEASED_GRAD_DIVISOR = {"rl": 2 * 32, "rc": 4 * 64}
 SUMMARIZER_VLLM = dict(gpu_memory_utilization=0.2, max_model_len=None, seed=0)
 
 
-def get_args(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RL for proof writing (QED-Nano stages 2-3)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=["none", "tiny"], default="none",
@@ -261,6 +261,9 @@ def get_args(argv=None):
         raise common.InputError("--weight-sync nccl needs --nccl-master host:port (reachable from the servers), or use "
                          "--weight-sync fs with a shared --sync-dir")
     return args
+
+
+get_args = parse_args  # the name of before (tests, scripts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -868,4 +871,4 @@ def plot_rewards(metrics_path, png_path, title="rl.py: mean reward per step"):
 
 
 if __name__ == "__main__":
-    common.cli(lambda: main(get_args()))
+    common.cli(lambda: main(parse_args()))
