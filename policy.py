@@ -300,6 +300,8 @@ def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad
                     lps = sequence_logprobs(ref, ref_tap, m, args.logp_temperature, pad_id, args.pack_tokens)
                 mb["ref_logp"] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32, device=device)
     stats = TrainStats(train_tokens=float(sum(mb["num_tokens"] for mb in micro)))
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # tokens, entropy, clipped, ratio, kl, loss
+    highs = torch.full((2,), -1e30, dtype=torch.float64, device=device)  # max ratio, -min ratio
     gnorm = torch.zeros(())
     for epoch in range(args.ppo_epochs):
         for g in opt.param_groups:
@@ -312,14 +314,15 @@ def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad
             real = mb["weights"] != 0  # (N,) completion tokens that carry a loss
             if epoch == 0 and real.any():
                 r = st["ratio"][real].double()
-                stats.tokens += real.sum().item()
-                stats.entropy += st["entropy"][real].double().sum().item()
-                stats.clipped += st["clipped"][real].double().sum().item()
-                stats.ratio += r.sum().item()
-                stats.kl += st["kl"][real].double().sum().item() if "kl" in st else 0.0
-                stats.loss += loss.detach().double().item()
-                stats.max_ratio = max(stats.max_ratio, r.max().item())
-                stats.max_neg_ratio = max(stats.max_neg_ratio, -r.min().item())
+                kl = st["kl"][real].double().sum() if "kl" in st else r.new_zeros(())
+                # accumulated on the device: one host sync per step (below), not eight per micro-batch
+                sums = sums + torch.stack([real.sum().double(), st["entropy"][real].double().sum(),
+                                           st["clipped"][real].double().sum(), r.sum(), kl, loss.detach().double()])
+                highs = torch.maximum(highs, torch.stack([r.max(), -r.min()]))
+        if epoch == 0:
+            for name, v in zip(("tokens", "entropy", "clipped", "ratio", "kl", "loss", "max_ratio", "max_neg_ratio"),
+                               torch.cat([sums, highs]).tolist()):
+                setattr(stats, name, v)
         # the released 0.3 clips a gradient that DeepSpeed had divided by --grad-clip-divisor; ours is the
         # plain gradient of sum_t w_t loss_t, so the same clip is 0.3 x divisor here (README)
         clip = args.grad_clip * args.grad_clip_divisor if args.grad_clip > 0 else float("inf")

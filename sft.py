@@ -518,10 +518,11 @@ def train(args):
             signal.signal(s, h)
 
 
-def optimizer_step(step, args, model, opt, trainable, train_ex, lr, autocast, rank, world_size, device, mfu_of):
-    """Optimizer step `step` (0-based) on its rows of the epoch stream; returns its metrics record."""
+def optimizer_step(step, args, model, opt, trainable, train_ex, lengths, lr, autocast, rank, world_size, device,
+                   mfu_of):
+    """Optimizer step `step` (0-based) on its rows of the epoch stream (lengths: train_ex's token counts);
+    returns its metrics record."""
     t0 = time.time()
-    lengths = [len(e[0]) for e in train_ex]
     rows = common.epoch_rows(len(train_ex), args.seed, step * args.global_batch_size, args.global_batch_size)
     total_tokens = sum(n_loss_tokens(train_ex[i]) for i in rows)  # of the whole global batch: every rank knows
     for g in opt.param_groups:
@@ -568,6 +569,7 @@ def _train(args, rank, world_size, device, stop):
 
     # ---- data
     train_ex, val, stats = split_data(args, tokenizer, world_size)
+    lengths = [len(e[0]) for e in train_ex]  # once: every step looks them up
 
     def evaluate():
         return validation_loss(model, val, args, rank, world_size, device, autocast, tokenizer.pad_token_id)
@@ -591,8 +593,8 @@ def _train(args, rank, world_size, device, stop):
     peak = peak_flops(device)
     model.train()
     for step in range(start, args.max_steps):
-        rec = optimizer_step(step, args, model, opt, trainable, train_ex, lr_of(step), autocast, rank, world_size,
-                             device, mfu_of=lambda seq_lens, dt: train_flops(n_params, cfg, seq_lens) / dt /
+        rec = optimizer_step(step, args, model, opt, trainable, train_ex, lengths, lr_of(step), autocast, rank,
+                             world_size, device, mfu_of=lambda seq_lens, dt: train_flops(n_params, cfg, seq_lens) / dt /
                              (peak * world_size) if peak else None)
         last = step + 1 == args.max_steps
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
