@@ -6,6 +6,7 @@ Nothing here is a framework: every function is a few lines a stage could inline.
 """
 
 import email.utils
+import functools
 import json
 import os
 import random
@@ -25,14 +26,23 @@ class InputError(ValueError):
 
 
 
+class NonFiniteError(ArithmeticError):
+    """A NaN/inf loss or gradient norm (sft.py, rl.py): training stops before the optimizer step, without
+    saving, so the last checkpoint stays the last good state."""
+
+
 def cli(main, argv=None):
     """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
-    without a traceback and exits with status 2; anything else propagates with its traceback."""
+    without a traceback and exits with status 2, a NonFiniteError (the step and the fix) with status 1;
+    anything else propagates with its traceback."""
     try:
         return main(argv) if argv is not None else main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def writable_path(path, flag, folder=False):
@@ -373,6 +383,55 @@ def read_jsonl(path):
                 continue
             raise InputError(f"{path}: line {i + 1} is not valid JSON; fix or delete that line")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the one preset mechanism of the stages
+
+
+def parse_with_preset(parser, argv, presets):
+    """Parse argv; when --preset names one of `presets` ({name: {dest: value}}), those values become the
+    defaults and argv is parsed again, so a flag typed explicitly still wins. Parsing has no side
+    effects: a preset names the tiny model's folder (TINY_MODEL_DIR), the stage builds it when it runs."""
+    args = parser.parse_args(argv)
+    preset = presets.get(getattr(args, "preset", None))
+    if preset:
+        parser.set_defaults(**preset)
+        args = parser.parse_args(argv)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt templates and the data stream
+
+
+def fill_template(template, fields, *, known, what):
+    """`template` with each {name} of `fields` replaced in one pass: text inside a field is never
+    re-read as a placeholder, and other braces (LaTeX, JSON) are left alone, unlike str.format.
+    known: the placeholder names this kind of template may hold; one the code does not fill, or a
+    field the template lacks, is an InputError that names `what` (the template's file)."""
+    present = set(re.findall(r"\{(" + "|".join(map(re.escape, known)) + r")\}", template))
+    if present != set(fields):
+        raise InputError(f"{what} has the placeholders {sorted(present)} but the code fills {sorted(fields)}; "
+                         f"fix {what}")
+    if not fields:
+        return template
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, fields)) + r")\}")
+    return pattern.sub(lambda m: fields[m.group(1)], template)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n, seed, epoch):
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def epoch_rows(n, seed, start, count):
+    """Rows start .. start + count - 1 of an endless stream made of one seeded shuffle of range(n) per
+    epoch (sft.py's steps, rl.py's batches). The data position is one integer, so a resume needs no
+    loader state."""
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ the sample std (ddof=1) of the run means. Every benchmark is judge-graded (IMO-A
 LLM compares the last \\boxed{} with the gold answer; --grader answer = math-verify, offline); the
 default judge is Gemini 3 Pro through its OpenAI-compatible endpoint, key in $JUDGE_API_KEY; any
 `vllm serve` judge works with --judge-base-url/--judge-model. Everything goes to
---out-dir, line by line as it is produced: generations.jsonl, grades.jsonl (with the judge's full
+--output-dir, line by line as it is produced: generations.jsonl, grades.jsonl (with the judge's full
 reply), summary.json, report.md, scores.png, args.json, judge_cache.sqlite. Rerunning the same
 command resumes: finished samples are not regenerated and graded ones are not re-graded (a grade
 that failed after retries is retried). A larger --n adds samples to the same directory.
@@ -32,6 +32,7 @@ import sys
 import time
 
 import common
+import engines as engine_lib
 import judge as judge_lib
 import viewer
 
@@ -74,23 +75,13 @@ BENCHMARKS = {
     "imo-answerbench": dict(source="lm-provers/IMOBench-FinalAnswer", grader="answerbench", task_prompt="answerbench",
                             fields=["id", "problem", "answer", "category", "subcategory"], breakdowns=["category"]),
 }
-ANSWER_GRADERS = ("answer", "answerbench")  # math-verify, the LLM answer judge: both need an answer column
-
-
-def required_fields(grader):
-    """The benchmark fields a grader needs: math-verify the problem and its answer; a judge prompt the
-    fields its template uses (problem, rubric, reference, answer)."""
-    if grader == "answer":
-        return ["problem", "answer"]
-    return ["problem"] + [f for f in judge_lib.template_fields(judge_lib.load_prompt(grader))
-                          if f not in ("problem", "proof")]
 TINY_DATA = os.path.join(HERE, "data", "tiny_eval.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-TINY = dict(model="", benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
+TINY = dict(model=common.TINY_MODEL_DIR, benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
             scaffold="direct", n=2, limit=-1, max_tokens=20, turns=2, summary_tokens=16, verify_tokens=16,
             n_proofs=2, n_verify=1, rounds=1, chunk_size=64, out_dir=os.path.join("runs", "eval-tiny"))
 
@@ -100,7 +91,7 @@ def build_parser():
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny = offline CPU run (flags you pass win)")
     # ---- model and engine
     p.add_argument("--model", default="lm-provers/QED-Nano", help="hub id or folder (openai engine: served name)")
-    p.add_argument("--engine", default="vllm", choices=["hf", "vllm", "openai"], help="rc_decode engine")
+    p.add_argument("--engine", default="vllm", choices=engine_lib.kinds(), help="generation engine (engines.py)")
     p.add_argument("--device", default="auto", help="hf engine: auto|cpu|cuda")
     p.add_argument("--dtype", default="bfloat16", help="hf/vllm weights dtype")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
@@ -117,12 +108,13 @@ def build_parser():
                    "scripts: 0.8; the model card's recommendation is --temperature 0.6 --top-p 0.95)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off, as the released run scripts)")
     p.add_argument("--top-k", type=int, default=0, help="top-k (0 = off, as the released run scripts)")
-    p.add_argument("--max-tokens", type=int, default=-1, help="new tokens per call: a direct proof, each rc "
+    p.add_argument("--reason-tokens", "--max-tokens", dest="max_tokens", type=int, default=-1,
+                   help="new tokens per call: a direct proof, each rc "
                    "reasoning turn, each verify-refine proof/refinement (-1 = 229376, the released run scripts' "
                    "budget for every call). A cap: the hf and vllm engines clamp each request to what the "
                    "model's context leaves after its prompt (a prompt that leaves no room is that sample's error)")
     p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--summary-tokens", type=int, default=-1, help="rc: summary budget in tokens (-1 = --max-tokens: "
+    p.add_argument("--summary-tokens", type=int, default=-1, help="rc: summary budget in tokens (-1 = --reason-tokens: "
                    "the released eval's summarizer is the model itself, thinking, with the turns' budget)")
     p.add_argument("--summary-temperature", type=float, default=-1.0, help="rc: summarizer temperature (-1 = "
                    "--temperature; the summarizer also uses --top-p/--top-k)")
@@ -133,7 +125,7 @@ def build_parser():
     p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
     p.add_argument("--rounds", type=int, default=2, help="verify-refine: refinement iterations")
     p.add_argument("--verify-tokens", type=int, default=-1, help="verify-refine: budget per verification "
-                   "(-1 = --max-tokens, as the released agent)")
+                   "(-1 = --reason-tokens, as the released agent)")
     p.add_argument("--task-prompt", default="", help="prompts/<name>.txt that turns a problem into the model's "
                    "task ('' = the benchmark's own: answerbench for IMO-AnswerBench and answer-graded files, "
                    "direct_proof otherwise); direct and rc scaffolds")
@@ -146,9 +138,12 @@ def build_parser():
     p.add_argument("--split", default="train", help="dataset split")
     p.add_argument("--config", default="", help="dataset config ('' = default)")
     p.add_argument("--limit", type=int, default=-1, help="first N problems only (-1 = all)")
-    p.add_argument("--grader", default="", help="answer (math-verify, offline) | answerbench (LLM answer judge) | "
-                   "imo_proofbench | proofbench | marking_scheme | rl_proof | a judge prompt .txt ('' = the "
-                   "benchmark's own: imo_proofbench, proofbench, answerbench)")
+    p.add_argument("--grader", default="", help="a grader of judge.GRADERS (answer = math-verify, offline; judge = "
+                   "the LLM judge with rl_proof) or a judge prompt, meaning the LLM judge with it: answerbench (LLM "
+                   "answer judge) | imo_proofbench | proofbench | marking_scheme | rl_proof | a prompt .txt ('' = "
+                   "the benchmark's own: imo_proofbench, proofbench, answerbench)")
+    p.add_argument("--judge-prompt", dest="grader", default=argparse.SUPPRESS, help="the same setting as --grader, "
+                   "by the name judge.py and rl.py give the judge's prompt")
     p.add_argument("--allow-no-think", action="store_true", help="grade the whole text of completions that "
                    "have no </think> (non-thinking models) instead of scoring them 0 as truncated")
     p.add_argument("--keep-self-eval", action="store_true", help="grade the answer with its trailing self-evaluation "
@@ -166,12 +161,13 @@ def build_parser():
     p.add_argument("--judge-max-retries", type=int, default=6, help="retries on 429/5xx/timeouts")
     p.add_argument("--judge-backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, jitter)")
     # ---- output
-    p.add_argument("--out-dir", default="", help="results folder ('' = runs/eval/<model>-<benchmark>-<scaffold>)")
+    p.add_argument("--output-dir", "--out-dir", dest="out_dir", default="",
+                   help="results folder ('' = runs/eval/<model>-<benchmark>-<scaffold>); --out-dir is its old name")
     p.add_argument("--view", default="", metavar="RUN_DIR", help="only (re)write RUN_DIR/report.html, the trace "
                    "viewer, from the files an eval.py run wrote there (no model, no judge)")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="compare finished eval folders of one "
                    "benchmark: compare.md (avg@n (std) per folder and subset, per-problem deltas vs the first), "
-                   "compare.png and report.html with the folders side by side, into --out-dir "
+                   "compare.png and report.html with the folders side by side, into --output-dir "
                    "('' = runs/compare-<names>)")
     return p
 
@@ -236,13 +232,16 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
         grader = spec["grader"] if spec else ("answerbench" if "answer" in probe and "rubric" not in probe else
                                               "imo_proofbench" if "reference" in probe and "rubric" in probe else
                                               "marking_scheme")
-    try:
-        required = required_fields(grader)
+    try:  # the grader's fields (a judge prompt: those its template uses), and a problem to generate from
+        required = ["problem"] + [f for f in judge_lib.required_fields(grader) if f != "problem"]
     except ValueError as e:
         raise common.InputError(f"--grader {grader!r}: {e}") from None
     mapping = resolve_columns(names, fields, explicit, required, source)
     problems, seen = [], set()
     for i, row in enumerate(ds):
+        if isinstance(row[mapping["problem"]], (int, float)):  # graded as text, but said: a column mix-up?
+            print(f"{source}: row {i}: the problem is a number ({row[mapping['problem']]!r}); check --columns",
+                  flush=True)
         p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
         p["id"] = p.get("id") or f"row-{i}"
         if p["id"] in seen:
@@ -376,26 +375,15 @@ def write_report(out_dir, summary, args, title):
 # ---------------------------------------------------------------------------------------------
 # generation (rc_decode) and grading (judge.py), both written line by line as they finish
 
-RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "grader", "scaffold", "temperature", "top_p",
+# What the generations depend on. The grader's settings are not here: each grade is stored under its
+# Grader.key (problem, proof, rubric/reference/answer, judge model, prompt text, ...), so another judge or
+# prompt regrades exactly what it changes and keeps the generations.
+RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "scaffold", "temperature", "top_p",
                "top_k", "max_tokens", "turns", "summary_tokens", "summary_temperature", "summarizer_model",
-               "verify_tokens", "task_prompt", "judge_model", "allow_no_think", "keep_self_eval"]
+               "verify_tokens", "task_prompt", "seed", "dtype"]
 # New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
 # max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
 DEFAULT_MAX_TOKENS = 229376
-
-
-def make_engine(args, model):
-    import rc_decode
-
-    if args.engine == "hf":
-        import torch
-        return rc_decode.make_engine("hf", model, device=common.compute_init(args.device)[3],
-                                     dtype=getattr(torch, args.dtype))
-    if args.engine == "vllm":
-        return rc_decode.make_engine("vllm", model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                                     max_model_len=args.max_model_len if args.max_model_len > 0 else None,
-                                     gpu_memory_utilization=args.gpu_memory_utilization, seed=max(args.seed, 0))
-    return rc_decode.make_engine("openai", model, base_url=args.base_url, api_key_env=args.api_key_env)
 
 
 def run_scaffold(args, engines, problems, first_seed):
@@ -419,27 +407,75 @@ def run_scaffold(args, engines, problems, first_seed):
 
 
 def answer_grade(text, reference, allow_no_think, strip_self_eval=True):
-    """Final-answer grading with math-verify (--grader answer) as a grade record: 7 if the last \\boxed{}
-    of the text after </think>, its self-evaluation section cut, matches the reference, else 0."""
-    proof = judge_lib.prepare_proof(text, require_think=not allow_no_think, strip_self_eval=strip_self_eval)
-    if proof is None:
-        return judge_lib.Grade(0, 0.0, truncated=True, note="no </think> (truncated): scored 0").to_dict()
-    box = judge_lib.last_boxed(proof)
-    ok = judge_lib.grade_answer(proof, reference)
-    return dict(judge_lib.Grade(7 if ok else 0, float(ok), parse_failed=False).to_dict(),
-                reply=f"extracted answer: {box!r}; reference: {reference!r}")
+    """One completion graded by --grader answer (judge.AnswerGrader, math-verify) as a grade record: 7 if
+    the last \\boxed{} of the text after </think>, its self-evaluation section cut, matches the reference."""
+    grader = judge_lib.make_grader("answer", require_think=not allow_no_think, strip_self_eval=strip_self_eval)
+    return grader.grade([{"proof": text, "answer": reference}])[0].to_dict()
 
 
-def evaluate(args):
-    """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
-    out = args.out_dir
-    common.writable_path(out, "--out-dir", folder=True)  # before the benchmark, the model or the judge
-    problems, grader, breakdowns, source, mapping = load_benchmark(
-        args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
-        limit=args.limit)
+class GradeLog:
+    """grades.jsonl of one eval folder. Each line is a generation's grade under its Grader.key (the
+    problem, the completion, rubric/reference/answer and the grader's settings), so a grade counts only
+    for the generation, data and grader it was made with; grading runs in the background (a judge) or at
+    once (math-verify), every grade appended as it arrives."""
+
+    def __init__(self, path, grader, name, by_id):
+        from tqdm import tqdm
+
+        self.path, self.grader, self.name, self.by_id = path, grader, name, by_id
+        self.done = {r["key"] for r in common.read_jsonl(path) if r.get("key") and not r.get("error")}
+        self.futures = []
+        self.bar = tqdm(total=0, desc="grade", position=1, dynamic_ncols=True)
+
+    def key(self, gen):
+        p = self.by_id[gen["id"]]
+        item = dict(problem=p["problem"], proof=gen["final_completion"], rubric=p.get("rubric"),
+                    reference=p.get("reference"), answer=p.get("answer"))
+        return self.grader.key(item), item
+
+    def grade(self, gens):
+        """Start grading the generations (dicts id, sample, final_completion) not graded yet."""
+        todo = [(g, *self.key(g)) for g in gens if g["id"] in self.by_id]
+        todo = [t for t in todo if t[1] not in self.done]
+        if not todo:
+            return
+
+        def on_grade(i, g):
+            gen, key, _ = todo[i]
+            common.append_jsonl(self.path, dict(id=gen["id"], sample=gen["sample"], grader=self.name, key=key,
+                                                **g.to_dict()))
+            self.bar.update(1)
+        self.bar.total += len(todo)
+        self.bar.refresh()
+        self.futures.append(self.grader.submit([t[2] for t in todo], on_grade=on_grade))  # overlaps generation
+
+    def wait(self):
+        for f in self.futures:
+            f.result()
+
+    def cancel(self):
+        for f in self.futures:  # stop grading; what arrived is on disk, a rerun grades the rest
+            f.cancel()
+
+    def close(self):
+        self.bar.close()
+        self.grader.close()
+
+    def current(self, gens):
+        """The grade line of each generation (its key's last line without an error, else its last line)."""
+        by_key = judge_lib.grades_by_key(common.read_jsonl(self.path))
+        keys = {(g["id"], g["sample"]): self.key(g)[0] for g in gens if g["id"] in self.by_id}
+        return [by_key[k] for k in keys.values() if k in by_key]
+
+
+def check_run_dir(args, out, grader):
+    """Resolve --task-prompt (the benchmark's, else by grader), refuse to resume `out` with other settings
+    (RESUME_KEYS, each named), then record the args."""
     if not args.task_prompt:
         spec = BENCHMARKS.get(args.benchmark)
-        args.task_prompt = spec["task_prompt"] if spec else "answerbench" if grader in ANSWER_GRADERS else "direct_proof"
+        # a grader of gold answers gets IMO-AnswerBench's "\\boxed{} answer" task, any other the proof task
+        answers = "answer" in judge_lib.required_fields(grader)
+        args.task_prompt = spec["task_prompt"] if spec else "answerbench" if answers else "direct_proof"
     import rc_decode
     try:  # a missing or malformed task prompt fails now, not after the model has loaded
         rc_decode.task_text("problem", args.task_prompt)
@@ -453,62 +489,39 @@ def evaluate(args):
         if diff:
             was = ", ".join(f"--{k.replace('_', '-')} {old[k]!r}" for k in diff)
             raise common.InputError(f"{out} holds a run made with different settings ({was}); "
-                             "rerun with those flags to resume it, or pass a new --out-dir")
+                                    "rerun with those flags to resume it, or pass a new --output-dir")
     with open(args_path, "w") as f:
         json.dump(vars(args), f, indent=2)
 
+
+def evaluate(args):
+    """Generate what is missing, grade what is ungraded, write the summary; returns the summary."""
+    out = args.out_dir
+    common.writable_path(out, "--output-dir (--out-dir)", folder=True)  # before the benchmark, the model or the judge
+    problems, grader, breakdowns, source, mapping = load_benchmark(
+        args.benchmark, columns=args.columns, grader=args.grader, split=args.split, config=args.config or None,
+        limit=args.limit)
+    check_run_dir(args, out, grader)
     args.grader = args.grader or grader
     title = f"{args.model} on {args.benchmark} ({args.scaffold}, {grader} grader)"
     print(f"{source}: {len(problems)} problems, columns {mapping}, grader {grader!r}, n={args.n}", flush=True)
 
     gen_path, grade_path = os.path.join(out, "generations.jsonl"), os.path.join(out, "grades.jsonl")
     gens = {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path) if not r.get("error")}
-    grades = {(r["id"], r["sample"]): r for r in common.read_jsonl(grade_path)}
-    graded = {k for k, g in grades.items() if not g.get("error")}
     by_id = {p["id"]: p for p in problems}
+    log = GradeLog(grade_path, judge_lib.from_args(args, grader, cache_path=os.path.join(out, "judge_cache.sqlite")),
+                   grader, by_id)
     todo_gen = [(k, i) for k in range(args.n) for i, p in enumerate(problems) if (p["id"], k) not in gens]
-    print(f"{out}: {len(gens)} generations and {len(graded)} grades on disk; {len(todo_gen)} to generate", flush=True)
-
-    judge, futures, bar = None, [], None
-    if grader != "answer":
-        from tqdm import tqdm
-        judge = judge_lib.Judge(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
-                                prompt=grader, cache_path=os.path.join(out, "judge_cache.sqlite"),
-                                concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-                                max_retries=args.judge_max_retries, backoff_base=args.judge_backoff,
-                                reasoning_effort=args.judge_reasoning_effort or None,
-                                max_tokens=args.judge_max_tokens if args.judge_max_tokens > 0 else None,
-                                require_think=not args.allow_no_think, strip_self_eval=not args.keep_self_eval)
-        bar = tqdm(total=0, desc="judge", position=1, dynamic_ncols=True)
-
-    def grade(records):
-        records = [r for r in records if (r["id"], r["sample"]) not in graded and r["id"] in by_id]
-        if not records:
-            return
-        keys = [dict(id=r["id"], sample=r["sample"], grader=grader) for r in records]
-        if judge is None:
-            for k, r in zip(keys, records):
-                common.append_jsonl(grade_path, {**k, **answer_grade(r["final_completion"], by_id[r["id"]]["answer"],
-                                                                     args.allow_no_think, not args.keep_self_eval)})
-            return
-        items = [dict(problem=by_id[r["id"]]["problem"], proof=r["final_completion"], rubric=by_id[r["id"]].get("rubric"),
-                      reference=by_id[r["id"]].get("reference"), answer=by_id[r["id"]].get("answer"))
-                 for r in records]
-
-        def on_grade(i, g):
-            common.append_jsonl(grade_path, {**keys[i], **g.to_dict()})
-            bar.update(1)
-        bar.total += len(items)
-        bar.refresh()
-        futures.append(judge.submit(items, on_grade=on_grade))  # grading overlaps the next generation chunk
+    n_graded = sum(not g.get("error") for g in log.current(gens.values()))
+    print(f"{out}: {len(gens)} generations and {n_graded} grades on disk; {len(todo_gen)} to generate", flush=True)
 
     t0 = time.time()
     try:
-        grade(list(gens.values()))  # generations from an earlier run that were never graded
+        log.grade(list(gens.values()))  # generations from an earlier run that were never graded
         if todo_gen:
-            engines = {"model": make_engine(args, args.model)}
+            engines = {"model": engine_lib.from_args(args)}
             if args.scaffold == "rc" and args.summarizer_model:
-                engines["summarizer"] = make_engine(args, args.summarizer_model)
+                engines["summarizer"] = engine_lib.from_args(args, args.summarizer_model)
             for c0 in range(0, len(todo_gen), args.chunk_size):
                 chunk = todo_gen[c0:c0 + args.chunk_size]
                 k0, i0 = chunk[0]
@@ -523,22 +536,19 @@ def evaluate(args):
                     common.append_jsonl(gen_path, rec)
                     if not rec["error"]:
                         records.append(rec)
-                grade(records)
+                log.grade(records)
                 viewer.refresh(out, problems, breakdowns, grader)  # report.html of what is on disk so far
                 print(f"generated {min(c0 + args.chunk_size, len(todo_gen))}/{len(todo_gen)} "
                       f"({time.time() - t0:.0f}s)", flush=True)
-        for f in futures:
-            f.result()
+        log.wait()
     except BaseException:
-        for f in futures:  # stop grading; what arrived is on disk, a rerun grades the rest
-            f.cancel()
+        log.cancel()
         raise
     finally:
-        if judge is not None:
-            bar.close()
-            judge.close()
+        log.close()
 
-    grades = list({(r["id"], r["sample"]): r for r in common.read_jsonl(grade_path)}.values())
+    gens = {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path) if not r.get("error")}
+    grades = log.current(gens.values())
     summary = summarize(problems, grades, args.n, breakdowns)
     summary.update(title=title, grader=grader, source=source, columns=mapping, args=vars(args),
                    generation_errors=sum(1 for r in {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path)
@@ -559,20 +569,9 @@ def evaluate(args):
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_with_preset(build_parser(), argv, {"tiny": TINY})
     if args.view or args.compare:  # viewer.cli: no preset, no model
         return args
-    if args.preset == "tiny":
-        given = build_parser()  # which flags were typed: the preset fills in only the others
-        for a in given._actions:
-            a.default = argparse.SUPPRESS
-        given = vars(given.parse_args(argv))
-        for k, v in TINY.items():
-            if k not in given:
-                setattr(args, k, v)
-        if not args.model:
-            args.model = common.make_tiny_model()
     # -1 sentinels resolve here, so args.json records (and a resume compares) the values really used
     if args.max_tokens < 0:
         args.max_tokens = DEFAULT_MAX_TOKENS
@@ -587,6 +586,8 @@ def parse_args(argv=None):
         args.out_dir = os.path.join("runs", "eval", f"{name(args.model)}-{name(args.benchmark)}-{args.scaffold}")
     if args.n < 1 or args.chunk_size < 1:
         raise common.InputError("--n and --chunk-size must be >= 1")
+    if args.limit == 0 or args.limit < -1:  # 0 used to mean "everything" (limit > 0 cut the list)
+        raise common.InputError(f"--limit {args.limit}: give N >= 1 problems, or -1 for all of them")
     return args
 
 
@@ -594,6 +595,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.view or args.compare:
         return viewer.cli(args)
+    if args.model == common.TINY_MODEL_DIR:
+        common.make_tiny_model()
     summary = evaluate(args)
     c = summary["counts"]
     if c["ungraded"] or c["missing"] or summary["generation_errors"]:

@@ -11,7 +11,7 @@ Generation servers for --engine remote (the trainer pushes weights after each st
 --weight-sync fs as safetensors in a shared folder that the servers reload, then resets their prefix caches;
 log-probs at the sampling temperature, which rl.py checks at start-up; tests/test_vllm_server.py runs this):
     VLLM_SERVER_DEV_MODE=1 PYTHONPATH=/path/to/qed-nano python -m vllm.entrypoints.openai.api_server \
-        --model runs/sft/final --logprobs-mode processed_logprobs --worker-extension-cls rl.VLLMServerSync
+        --model runs/sft/final --logprobs-mode processed_logprobs --worker-extension-cls engines.VLLMWorker
 With --lora-r R only the adapter travels (through --sync-dir), so the servers instead run
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True python -m vllm.entrypoints.openai.api_server --model runs/sft/final \
         --logprobs-mode processed_logprobs --enable-lora --max-lora-rank R
@@ -21,35 +21,40 @@ With --lora-r R only the adapter travels (through --sync-dir), so the servers in
 A step: a producer thread generates batches (64 problems x 16 rollouts) with the engine's current
 weights, tags every group with that policy version and starts grading it (judge calls run while the
 next batch generates). The trainer takes a batch, drops groups more than --max-lag versions old and
-groups whose rewards are all equal, sets advantage = reward - group mean and minimizes
-    loss = sum_t w_t * (-min(r_t, cap) * A * logp_t + beta * kl_t - entropy_coef * H_t),
+(with --drop-flat-groups) groups whose rewards are all equal, sets advantage = reward - group mean and
+minimizes
+    loss = sum_t w_t * (pg(r_t, A, logp_t) + beta * kl_t - entropy_coef * H_t),
     r_t = exp(logp_t - logp_sampler_t),  w_t = 1 / (sequences per step)  on completion tokens,
+where pg is the --loss rule of kernels/policy_rules.py (the released PPO clip with eps 4 by default),
 with kernels.linear_policy_loss on the final hidden states (no (tokens, vocab) logits), takes an AdamW
-step and pushes the weights to the engine. Output dir: args.json, metrics.jsonl (one record per step),
+step and pushes the weights to the engine. main() at the bottom is that loop. Output dir: args.json, metrics.jsonl (one record per step),
 rollouts.jsonl (a few samples per step), step_NNNNN/ and final/ (Hugging Face layout + resume state),
 reward_curve.png.
 """
 
 import argparse
-import copy
-import json
+import contextlib
 import math
 import os
 import queue
 import random
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections import Counter
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
 
+import checkpoint
 import common
+import engines
+import judge
 import rc_decode
+from policy import (NonFiniteError, TrainStats, build_policy, check_sampler_logprobs, from_rank0,
+                    plan_microbatches, push_weights, save_checkpoint, sequence_logprobs, tap_hidden, train_step)
 from common import print0
+from kernels import POLICY_RULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,8 +78,11 @@ TINY = dict(model=common.TINY_MODEL_DIR, data=os.path.join(HERE, "data", "tiny_r
 # qed_nano_rc.yaml (4 x 64)). Our per-step gradient is the plain one of sum_t w_t loss_t.
 RELEASED_GRAD_DIVISOR = {"rl": 2 * 32, "rc": 4 * 64}
 
+# the frozen RC summarizer beside a vLLM policy engine: a fifth of the GPU, the model's own context, seed 0
+SUMMARIZER_VLLM = dict(gpu_memory_utilization=0.2, max_model_len=None, seed=0)
 
-def get_args(argv=None):
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RL for proof writing (QED-Nano stages 2-3)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=["none", "tiny"], default="none",
@@ -109,8 +117,8 @@ def get_args(argv=None):
     p.add_argument("--drop-flat-groups", action="store_true", help="drop zero-variance groups instead of training "
                    "them (released: kept, only the entropy term acts on them)")
     # ---- engine
-    p.add_argument("--engine", choices=["vllm", "hf", "remote"], default="vllm",
-                   help="vllm: in-process, colocated, asleep during train steps; hf: rc_decode's HF engine on a "
+    p.add_argument("--engine", choices=engines.kinds(trainable=True), default="vllm",
+                   help="vllm: in-process, colocated, asleep during train steps; hf: engines.py's HF engine on a "
                    "snapshot of the policy (CPU, tests); remote: vLLM servers (--servers)")
     p.add_argument("--servers", default="", help="comma-separated base URLs of vLLM servers, e.g. http://gen0:8000")
     p.add_argument("--served-model", default="", help="model name the servers serve ('' = --model)")
@@ -120,7 +128,9 @@ def get_args(argv=None):
                    "('' = <output-dir>/sync)")
     p.add_argument("--nccl-master", default="", help="host:port at which the servers reach the trainer (nccl sync)")
     p.add_argument("--server-gpus", type=int, default=1, help="GPUs per vLLM server (its tensor-parallel size)")
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.45, help="GPU fraction for colocated vLLM")
+    p.add_argument("--vllm-gpu-memory-utilization", dest="gpu_memory_utilization", type=float,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, default=True, help="colocated vLLM frees "
                    "its memory while the trainer steps (--no-vllm-sleep: it keeps it, and generation of the next "
                    "batch overlaps training; also for platforms without sleep mode, such as vLLM's CPU build)")
@@ -129,27 +139,35 @@ def get_args(argv=None):
                    "stop if the engine's log-probs of a short sample differ from the trainer's by more than this "
                    "many nats per token (a bf16 server vs the fp32 trainer: ~0.002 on the tiny model); < 0 = skip")
     # ---- reward
-    p.add_argument("--reward", choices=["auto", "judge", "answer"], default="auto",
-                   help="judge: rubric grade / 7 from judge.py; answer: last \\boxed{} vs the 'answer' column; "
-                   "auto: answer if the data has an 'answer' column")
-    p.add_argument("--judge-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"),
+    p.add_argument("--reward", choices=["auto", *judge.GRADERS], default="auto",
+                   help="a grader of judge.GRADERS: judge = rubric grade / 7 from the LLM judge (--judge-prompt); "
+                   "answer = last \\boxed{} vs the 'answer' column (math-verify); auto: answer if the data has an "
+                   "'answer' column, else judge")
+    p.add_argument("--judge-base-url", default=os.environ.get("JUDGE_BASE_URL", "http://localhost:8001/v1"),
                    help="OpenAI-compatible judge endpoint up to /v1 (default: $JUDGE_BASE_URL or a local vLLM server)")
+    p.add_argument("--judge-url", dest="judge_base_url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--judge-model", default="openai/gpt-oss-20b", help="judge model name (released: gpt-oss-20b)")
+    p.add_argument("--judge-api-key-env", default="JUDGE_API_KEY", help="environment variable holding the judge's "
+                   "API key (unset = no Authorization header, fine for a local vLLM server)")
     p.add_argument("--judge-reasoning-effort", default="medium", help="sent as reasoning_effort (released: medium)")
     p.add_argument("--judge-temperature", type=float, default=1.0, help="judge sampling temperature (released: 1.0)")
     p.add_argument("--judge-prompt", default="rl_proof", help="prompts/judge_<name>.txt (rl_proof: correctness first, "
                    "the marking scheme advisory, valid alternative approaches credited; the self-evaluation is kept)")
     p.add_argument("--judge-concurrency", type=int, default=256, help="judge requests in flight")
-    p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge call")
-    p.add_argument("--judge-retries", type=int, default=4, help="retries per judge call (inside judge.py)")
+    p.add_argument("--judge-timeout", type=float, default=900.0, help="seconds per judge call, all of it (connect and every read)")
+    p.add_argument("--judge-max-retries", type=int, default=4, help="retries per judge call (inside judge.py)")
+    p.add_argument("--judge-retries", dest="judge_max_retries", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--group-retries", type=int, default=1, help="re-grade a group's failed items this many more "
                    "times before --judge-failures applies")
     p.add_argument("--judge-failures", choices=["zero", "skip"], default="zero", help="a grade still failed after "
                    "retries: zero = reward 0, trained and counted (released); skip = drop its group (counted)")
     # ---- loss
-    p.add_argument("--loss", choices=["truncate", "ppo"], default="ppo",
-                   help="ppo: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) (released, eps 4 both sides: only A > 0 "
-                   "tokens with r > 5 lose their gradient); truncate: -min(r, ratio_cap).detach() * A * logp")
+    p.add_argument("--loss", choices=sorted(POLICY_RULES), default="ppo",
+                   help="the policy-gradient rule (kernels/policy_rules.py). ppo: -min(r A, clip(r, 1 - clip_low, "
+                   "1 + clip_high) A) (released, eps 4 both sides: only A > 0 tokens with r > 5 lose their gradient); "
+                   "truncate: -min(r, ratio_cap).detach() * A * logp; cispo: -clip(r, 1 - clip_low, 1 + clip_high)"
+                   ".detach() * A * logp")
     p.add_argument("--ratio-cap", type=float, default=2.0, help="cap of the truncated importance ratio (--loss truncate)")
     p.add_argument("--clip-low", type=float, default=4.0, help="ppo lower epsilon (>= 1: the lower bound never binds)")
     p.add_argument("--clip-high", type=float, default=4.0, help="ppo upper epsilon (0.2 = PPO; 0.28 = DAPO's clip-higher)")
@@ -209,10 +227,7 @@ def get_args(argv=None):
     p.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (off by default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order, sampling and init")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="trainer device")
-    args = p.parse_args(argv)
-    if args.preset == "tiny":
-        p.set_defaults(**TINY)
-        args = p.parse_args(argv)
+    args = common.parse_with_preset(p, argv, {"tiny": TINY})
     if args.prompt != "none":  # a missing file or a template without {problem} fails here, before any model loads
         try:
             rc_decode.task_text("x", args.prompt)
@@ -249,51 +264,51 @@ def get_args(argv=None):
     return args
 
 
+get_args = parse_args  # the name of before (tests, scripts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: problems and the batch order
 
 
+# The dataset column of each field a grader reads (FineProofs-RL's layout); other fields: their own name.
+# The gold answer doubles as the reference solution for judge prompts that use {reference}.
+GRADER_COLUMNS = {"problem": "problem", "rubric": "rubrics", "answer": "answer", "reference": "answer"}
+
+
 def load_problems(args):
-    """[{problem, rubric, answer}] from the dataset, and the reward kind; errors name file and column."""
+    """[{problem, rubric, answer, ...the grader's fields}] from the dataset, and the name of the grader
+    (--reward); errors name file and column."""
     rows = common.load_rows(args.data, split=args.data_split, config=args.data_config)
     cols = set(rows.column_names)
     if "problem" not in cols:
         raise common.InputError(f"{args.data}: no 'problem' column (columns: {sorted(cols)}); rl.py needs FineProofs-RL's "
                          "layout (problem, rubrics[, answer])")
     kind = args.reward if args.reward != "auto" else ("answer" if "answer" in cols else "judge")
-    need = "answer" if kind == "answer" else "rubrics"
-    if need not in cols:
-        raise common.InputError(f"{args.data}: --reward {kind} needs a '{need}' column (columns: {sorted(cols)})")
+    need = {f: GRADER_COLUMNS.get(f, f) for f in judge.required_fields(kind, args.judge_prompt) if f != "problem"}
+    for col in need.values():
+        if col not in cols:
+            raise common.InputError(f"{args.data}: --reward {kind} needs a '{col}' column (columns: {sorted(cols)})")
     out = []
+    skipped = []
     for i, r in enumerate(rows):
         if 0 <= args.max_problems <= len(out):
             break
         if not isinstance(r["problem"], str) or not r["problem"].strip():
+            skipped.append(i)
             continue
-        if kind == "answer" and (r["answer"] is None or not str(r["answer"]).strip()):
-            raise common.InputError(f"{args.data}: row {i} has an empty 'answer'; fill it or drop the row")
-        out.append({"problem": r["problem"], "rubric": r.get("rubrics") or "",
-                    "answer": None if r.get("answer") is None else str(r["answer"])})
+        for col in need.values():
+            if r[col] is None or not str(r[col]).strip():
+                raise common.InputError(f"{args.data}: row {i} has an empty '{col}'; fill it or drop the row")
+        p = {f: None if r[c] is None else str(r[c]) for f, c in need.items()}
+        out.append(dict(p, problem=r["problem"], rubric=r.get("rubrics") or "",
+                        answer=None if r.get("answer") is None else str(r["answer"])))
+    if skipped:  # said, not silent: a number here usually means a column mix-up
+        common.print0(f"{args.data}: skipped {len(skipped)} rows whose 'problem' is empty or not text (rows "
+                      f"{', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})")
     if not out:
         raise common.InputError(f"{args.data}: no usable rows (every 'problem' empty, or --max-problems 0)")
     return out, kind
-
-
-@lru_cache(maxsize=8)
-def _epoch_order(n, seed, epoch):
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def batch_rows(n_rows, batch_index, per_batch, seed):
-    """Row indices of batch `batch_index`: consecutive slices of a fresh shuffle per epoch, so the data
-    position is one integer (the next batch index)."""
-    out = []
-    for pos in range(batch_index * per_batch, (batch_index + 1) * per_batch):
-        epoch, i = divmod(pos, n_rows)
-        out.append(_epoch_order(n_rows, seed, epoch)[i])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,137 +345,6 @@ def sequence_weights(lengths, agg, nominal_sequences):
     if agg == "seq-mean":
         return [1.0 / (max(1, n) * len(lengths)) for n in lengths]
     raise ValueError(f"unknown --agg {agg!r}")
-
-
-def plan_microbatches(seqs, world_size, max_tokens):
-    """[rank][micro] -> [seq]: sequences go longest first to the least-loaded rank, then each rank's
-    share is packed into micro-batches of <= max_tokens tokens. Every rank gets the same number of
-    micro-batches (empty ones pad: FSDP needs the same forwards on every rank)."""
-    load, shares = [0] * world_size, [[] for _ in range(world_size)]
-    for s in sorted(seqs, key=lambda s: -s["num_tokens"]):
-        r = min(range(world_size), key=lambda i: load[i])
-        shares[r].append(s)
-        load[r] += s["num_tokens"]
-    plans = []
-    for share in shares:
-        micro, n = [], max_tokens
-        for s in share:
-            if n + s["num_tokens"] > max_tokens:
-                micro.append([])
-                n = 0
-            micro[-1].append(s)
-            n += s["num_tokens"]
-        plans.append(micro)
-    most = max(1, max(len(m) for m in plans))
-    return [m + [[] for _ in range(most - len(m))] for m in plans]
-
-
-def make_microbatch(seqs, pad_id, device):
-    """One packed row: input_ids/position_ids (1, T) (positions restart per sequence, which transformers
-    turns into a block-diagonal mask), tmask (T,) True where position t predicts completion token t+1,
-    cu (S+1,) sequence offsets, advantages (S,), and per completion token targets/old_logp/weights/
-    ref_logp (N,). No sequences: a 2-token dummy with weight 0 (a rank without data still runs FSDP's
-    collectives)."""
-    if not seqs:
-        seqs = [{"prompt_ids": [pad_id], "completion_ids": [pad_id], "old_logp": [0.0], "weight": 0.0,
-                 "advantage": 0.0}]
-    ids, pos, comp, cu, targets, old, w, ref = [], [], [], [0], [], [], [], []
-    for s in seqs:
-        p, c = s["prompt_ids"], s["completion_ids"]
-        ids += p + c
-        pos += list(range(len(p) + len(c)))
-        comp += [False] * len(p) + [True] * len(c)
-        cu.append(len(ids))
-        targets += c
-        old += s["old_logp"]
-        w += [s["weight"]] * len(c)
-        ref += s.get("ref_logp") or [0.0] * len(c)
-    f32 = dict(dtype=torch.float32, device=device)
-    return {"input_ids": torch.tensor([ids], device=device), "position_ids": torch.tensor([pos], device=device),
-            "tmask": torch.tensor(comp[1:] + [False], device=device), "cu": torch.tensor(cu, device=device),
-            "advantages": torch.tensor([s["advantage"] for s in seqs], **f32),
-            "targets": torch.tensor(targets, device=device), "old_logp": torch.tensor(old, **f32),
-            "weights": torch.tensor(w, **f32), "ref_logp": torch.tensor(ref, **f32), "num_tokens": len(ids)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Model pieces: final hidden states through a hook (so FSDP2's root hooks run), the lm head, the loss
-
-
-def unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def tap_hidden(model):
-    """Each forward leaves the final-norm output (1, T, H) in the returned dict under 'h'."""
-    box = {}
-    unwrap(model).model.norm.register_forward_hook(lambda mod, inp, out: box.__setitem__("h", out))
-    return box
-
-
-def completion_hidden(model, tap, mb):
-    """(N, H) hidden states at the positions that predict completion tokens. logits_to_keep=1 keeps the
-    model's own lm head to one row; the kernels apply the head to these rows."""
-    model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], logits_to_keep=1, use_cache=False)
-    return tap.pop("h")[0][mb["tmask"]]
-
-
-def head_weight(model):
-    return unwrap(model).get_output_embeddings().weight  # (V, H); FSDP2: unsharded after the root forward
-
-
-def policy_loss(hidden, weight, mb, args):
-    """(loss, stats) of a packed micro-batch given its completion rows' hidden states (N, H) and the lm
-    head (V, H), through kernels.linear_policy_loss; the flags pick the variant."""
-    from kernels import broadcast_advantages, linear_policy_loss
-
-    adv = broadcast_advantages(mb["advantages"], mb["cu"], mb["tmask"])[mb["tmask"]]  # (N,)
-    return linear_policy_loss(hidden, weight.to(hidden.dtype), mb["targets"], advantages=adv, old_logp=mb["old_logp"],
-                              token_weights=mb["weights"], ref_logp=mb["ref_logp"] if args.kl_beta > 0 else None,
-                              temperature=args.logp_temperature, ratio_mode=args.loss, ratio_cap=args.ratio_cap,
-                              clip_low=args.clip_low, clip_high=args.clip_high, kl_beta=args.kl_beta,
-                              entropy_coef=args.entropy_coef)
-
-
-def microbatch_loss(model, tap, mb, args):
-    return policy_loss(completion_hidden(model, tap, mb), head_weight(model), mb, args)
-
-
-@torch.no_grad()
-def sequence_logprobs(model, tap, seqs, temperature, pad_id, max_tokens):
-    """Per sequence, the list of its completion tokens' log-probs under `model` (sampler or reference)."""
-    from kernels import linear_logprob
-
-    device = next(model.parameters()).device
-    for s in seqs:
-        s.setdefault("num_tokens", len(s["prompt_ids"]) + len(s["completion_ids"]))
-    for micro in plan_microbatches(seqs, 1, max_tokens)[0]:
-        mb = make_microbatch(micro, pad_id, device)
-        hidden = completion_hidden(model, tap, mb)
-        lp = linear_logprob(hidden, head_weight(model).to(hidden.dtype), mb["targets"],
-                            temperature=temperature).float().cpu().tolist()
-        for s in micro:
-            s["_lp"], lp = lp[:len(s["completion_ids"])], lp[len(s["completion_ids"]):]
-    return [s.pop("_lp") for s in seqs]
-
-
-def full_state_dict(model):
-    """{name: full tensor}: gathers FSDP2 shards (a collective: every rank calls it)."""
-    from torch.distributed.tensor import DTensor
-
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
-
-
-def hf_state_dict(sd, lora_scale):
-    """Plain Hugging Face names for vLLM; a LoRA policy's adapters are merged: W + scale * B @ A."""
-    if not lora_scale:
-        return sd
-    out = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in sd.items() if "lora_" not in k}
-    for k in [k for k in sd if k.endswith("lora_A.default.weight")]:
-        a, b = sd[k].float(), sd[k.replace("lora_A", "lora_B")].float()
-        name = k.replace("base_model.model.", "").replace(".lora_A.default.weight", ".weight")
-        out[name] = (out[name].float() + lora_scale * (b @ a)).to(out[name].dtype)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,29 +395,11 @@ class Rollouts:
         self.thread.join(timeout=600)
 
 
-class SplitEngine:
-    """Several engines (one per vLLM server) behind one generate(): prompts are split evenly."""
-
-    def __init__(self, engines):
-        self.engines, self.tokenizer, self.context_length = engines, None, None
-
-    def generate(self, prompts, sampling, thinking=True, progress=None):
-        import dataclasses
-        from concurrent.futures import ThreadPoolExecutor
-
-        k = -(-len(prompts) // len(self.engines))
-        parts = [(e, prompts[i * k:(i + 1) * k], i * k) for i, e in enumerate(self.engines)]
-        with ThreadPoolExecutor(len(parts)) as ex:
-            outs = ex.map(lambda x: x[0].generate(x[1], sampling if sampling.seed is None else dataclasses.replace(
-                sampling, seed=sampling.seed + x[2]), thinking=thinking, progress=progress), parts)
-            return [c for o in outs for c in o]
-
-
 def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, tokenizer, task_prompt, rewards):
     """One batch of groups (RC states first if --rc-turns), with sampling log-probs; grading started."""
     from rc_decode import Sampling, direct_messages, reasoning_messages, run_rc
 
-    rows = batch_rows(len(problems), index, args.problems_per_step, args.seed)
+    rows = common.epoch_rows(len(problems), args.seed, index * args.problems_per_step, args.problems_per_step)
     seed, n = args.seed * 1_000_003 + index * 7919, args.samples_per_problem
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=seed)
     t0 = time.time()
@@ -587,38 +453,34 @@ def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, toke
 
 
 class Rewards:
-    """Final-answer rewards (computed at once) or judge grades (judge.submit futures resolved by the
-    trainer; failed items are re-graded --group-retries times, then their group is skipped)."""
+    """The rollouts' rewards from the grader --reward names (judge.from_args: the LLM judge, math-verify,
+    or any grader of judge.GRADERS). start() submits a batch's groups (a judge grades in the background;
+    rewards a grader gives at once are filled in right away), finish() fills in the rewards; failed items
+    are re-graded --group-retries times, then --judge-failures applies."""
 
     def __init__(self, kind, problems, args):
-        self.kind, self.problems, self.args, self.judge = kind, problems, args, None
-        if kind == "judge":
-            from judge import Judge
-
-            self.judge = Judge(args.judge_url, args.judge_model, prompt=args.judge_prompt,
-                               cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"),
-                               concurrency=args.judge_concurrency, timeout=args.judge_timeout,
-                               max_retries=args.judge_retries, reasoning_effort=args.judge_reasoning_effort,
-                               extra_body={"temperature": args.judge_temperature})
+        self.problems, self.args = problems, args
+        self.grader = judge.from_args(args, kind, cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"))
 
     def items(self, g):
         p = self.problems[g["row"]]
-        return [{"problem": p["problem"], "proof": s["text"], "rubric": p["rubric"], "reference": p["answer"]}
-                for s in g["samples"]]
+        return [dict(p, proof=s["text"], reference=p["answer"]) for s in g["samples"]]
 
     def start(self, groups):
-        if self.kind == "answer":
-            from judge import answer_reward
+        future = self.grader.submit([it for g in groups for it in self.items(g)])
+        if future.done() and not any(x.error for x in future.result()):
+            n = self.args.samples_per_problem
+            for gi, g in enumerate(groups):
+                self._set(g, future.result()[gi * n:(gi + 1) * n])
+        return {"groups": groups, "t0": time.time(), "future": future}
 
-            for g in groups:
-                g["rewards"] = [answer_reward(s["text"], self.problems[g["row"]]["answer"]) for s in g["samples"]]
-                g["scores"] = [round(7 * x) for x in g["rewards"]]
-            return None
-        return {"groups": groups, "t0": time.time(),
-                "future": self.judge.submit([it for g in groups for it in self.items(g)])}
+    @staticmethod
+    def _set(g, gs):
+        g["rewards"] = [0.0 if x.error else float(x.reward) for x in gs]
+        g["scores"] = [x.score or 0 for x in gs]
 
     def finish(self, grading, stats):
-        """Fill in the judge's rewards. A grade still failed after --group-retries: reward 0 and trained
+        """Fill in the grader's rewards. A grade still failed after --group-retries: reward 0 and trained
         (--judge-failures zero, as released; counted in judge_failures), or its whole group is marked
         failed and skipped (--judge-failures skip; counted in groups_failed)."""
         if grading is None:
@@ -632,7 +494,7 @@ class Rewards:
                 if not bad:
                     break
                 stats["judge_regraded"] += len(bad)
-                for i, x in zip(bad, self.judge.grade([self.items(g)[i] for i in bad])):
+                for i, x in zip(bad, self.grader.grade([self.items(g)[i] for i in bad])):
                     gs[i] = x
             fresh = [x for x in gs if not x.cached and not x.truncated]
             stats["judge_calls"] += len(fresh)
@@ -642,374 +504,22 @@ class Rewards:
             if any(x.error for x in gs) and self.args.judge_failures == "skip":
                 g["failed"] = True
                 continue
-            g["rewards"] = [0.0 if x.error else float(x.reward) for x in gs]
-            g["scores"] = [x.score or 0 for x in gs]
+            self._set(g, gs)
         stats["grade_wait_s"] += time.time() - t0
 
 
-# ---------------------------------------------------------------------------------------------
-# Start-up probe: the engine's log-probs are the ones the importance ratio divides by
-
-PROBE_PROMPT = [{"role": "user", "content": "Prove that the sum of two odd integers is even."}]
-
-
-def check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size, probe_tokens=32):
-    """The ratio r_t = exp(logp_t - logp_sampler_t) assumes logp_sampler_t = log p(token) at --temperature,
-    which is vLLM's --logprobs-mode processed_logprobs; a server started without it reports raw_logprobs
-    (temperature 1) and the ratio of on-policy data is then off by the temperature (seen: mean 1.13,
-    per token 0.16-1.77 at T 0.7). One short sample per server (top_p 1, top_k 0, so that no filtering
-    enters either side), then the trainer's own log-probs of those tokens at --temperature and at 1
-    (sequence_logprobs -> kernels.linear_logprob). Raises with the flag to add when the served ones are
-    clearly closer to temperature 1, and when they differ by more than --logprob-probe-tol nats per token.
-    Every rank calls this (an FSDP2 forward is a collective); rank 0 generates."""
-    from rc_decode import Sampling
-
-    temperature = args.temperature if args.temperature > 0 else 1.0
-    probe = {"seqs": []}
-    if rank == 0:
-        engines = engine.engines if isinstance(engine, SplitEngine) else [engine]
-        for e in engines:
-            where = getattr(e, "url", "the vLLM engine")
-            sampling = Sampling(probe_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=args.seed)
-            c = e.generate([PROBE_PROMPT], sampling)[0]
-            if c.error or not c.token_ids or c.logprobs is None or c.prompt_token_ids is None:
-                probe = {"error": f"log-prob probe: {where} returned no tokens/log-probs ({c.error or 'empty'})"}
-                break
-            probe["seqs"].append({"prompt_ids": c.prompt_token_ids, "completion_ids": c.token_ids, "where": where,
-                                  "served": c.logprobs, "old_logp": [0.0] * len(c.token_ids), "weight": 0.0,
-                                  "advantage": 0.0})
-    seqs = from_rank0(probe, world_size)["seqs"]
-    at_t = sequence_logprobs(policy, tap, seqs, temperature, tokenizer.pad_token_id, args.pack_tokens)
-    at_1 = sequence_logprobs(policy, tap, seqs, 1.0, tokenizer.pad_token_id, args.pack_tokens)
-    for s, lt, l1 in zip(seqs, at_t, at_1):
-        served = torch.tensor(s["served"], dtype=torch.float64)
-        d_t = (served - torch.tensor(lt, dtype=torch.float64)).abs().mean().item()  # mean |diff|, nats per token
-        d_1 = (served - torch.tensor(l1, dtype=torch.float64)).abs().mean().item()
-        print0(f"log-prob probe: {s['where']}: mean |served - trainer| {d_t:.4f} nats/token at temperature "
-               f"{temperature} ({d_1:.4f} at 1) over {len(served)} tokens")
-        # raw_logprobs: clearly closer to temperature 1 than to T, and off T by more than rounding (a bf16
-        # server: ~0.002 nats/token on the tiny model; raw ones there: ~0.075 off at T 0.7, ~0.002 at 1)
-        if d_t > args.logprob_probe_tol / 10 and d_1 < d_t / 2:
-            raise RuntimeError(f"{s['where']} reports log-probs before temperature (vLLM's default raw_logprobs: "
-                               f"off by {d_t:.3f} nats/token from the sampling distribution at temperature "
-                               f"{temperature}), so the importance ratio would be wrong: restart it with "
-                               "--logprobs-mode processed_logprobs")
-        if d_t > args.logprob_probe_tol:
-            raise RuntimeError(f"{s['where']}: its log-probs differ from the trainer's by {d_t:.3f} nats/token "
-                               f"(more than --logprob-probe-tol {args.logprob_probe_tol}): does it serve the "
-                               "weights the trainer starts from (--model, or the resumed checkpoint), with "
-                               "--logprobs-mode processed_logprobs?")
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight sync to the engine, and the worker extension that --engine remote servers load
-
-
-def push_weights(args, model, engine, snapshot, lora_scale, version, rank):
-    """Every rank calls this (gathering FSDP2 shards is a collective); rank 0 pushes."""
-    if args.engine == "hf" and lora_scale:  # adapter-only sync: the snapshot is a peft model too
-        if rank == 0:
-            snapshot[0].load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
-        return
-    if lora_scale:  # adapter-only sync to vLLM: a few MB of adapter in a folder instead of the full weights
-        push_adapter(args, model, engine, version)
-        return
-    sd = full_state_dict(model)
-    if rank != 0:
-        return
-    if args.engine == "hf":
-        snapshot[0].load_state_dict(sd)
-    else:  # vLLM serves bf16: send half the bytes
-        sd = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(sd, lora_scale).items()}
-        if args.engine == "vllm":
-            engine.load_weights(sd.items())
-        else:
-            push_remote(args, sd, version)
-
-
-def server_post(base, endpoint, body, what, hint, timeout=3600, reply=None):
-    """POST body to a vLLM server's base/endpoint: None if it answered 200 (its text appended to `reply`, a
-    list, when given), else an error naming the server."""
-    import httpx
-
-    try:
-        r = httpx.post(f"{base}/{endpoint}", json=body, timeout=timeout)
-    except httpx.HTTPError as e:
-        return f"vLLM server {base} did not answer {what} ({type(e).__name__}: {e}); is it still running?"
-    if r.status_code != 200:
-        return f"vLLM server {base} refused {what} (HTTP {r.status_code}: {r.text[:300]}); {hint}"
-    if reply is not None:
-        reply.append(r.text)
-    return None
-
-
-def prune_versions(root, prefix, oldest_kept):
-    """Delete the sync folders <root>/<prefix>NNNNN older than <prefix><oldest_kept>."""
-    for d in os.listdir(root):
-        if d.startswith(prefix) and d < f"{prefix}{oldest_kept:05d}":
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-
-
-_RESUME_TAG = {}
-
-
-def push_adapter(args, model, engine, version):
-    """--lora-r with vLLM: save the adapter (PEFT layout) to <sync-dir>/lora_vNNNNN, then the colocated
-    engine generates through it, or each server loads it (POST /v1/load_lora_adapter; the servers run with
-    --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and see the folder on a shared filesystem)
-    and serves it under the name policy-vN, which the rollout requests then ask for. A new name and folder
-    per version is what keeps a server's prefix cache honest (its keys hold the adapter's name and path,
-    not its weights); a resumed run pushes versions the servers may have seen from the run before it,
-    with other weights, so its names and folders carry a tag of this process (policy-vN-rTAG)."""
-    root = os.path.abspath(args.sync_dir or os.path.join(args.output_dir, "sync"))
-    tag = ""
-    if args.resume:  # one tag per trainer process: pid + clock
-        tag = "-r" + _RESUME_TAG.setdefault("tag", f"{os.getpid()}{int(time.time()) % 100000:05d}")
-    path, name = os.path.join(root, f"lora_v{version:05d}{tag}"), f"policy-v{version}{tag}"
-    model.save_pretrained(path)
-    if args.engine == "vllm":
-        engine.load_lora(path, version)
-    else:
-        errors = []
-        for e in engine.engines:  # one OpenAIEngine per server; base = http://host:port/v1
-            base, old = e.url.rsplit("/chat/completions", 1)[0], e.model
-            err = server_post(base, "load_lora_adapter", {"lora_name": name, "lora_path": path}, "load_lora_adapter",
-                              "start it with --enable-lora --max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,"
-                              f" with {root} on a filesystem it can read", timeout=600)
-            if err:
-                errors.append(err)
-                continue
-            e.model = name
-            if old.startswith("policy-v"):  # the previous version: nothing is generating with it now
-                err = server_post(base, "unload_lora_adapter", {"lora_name": old}, "unload_lora_adapter", "", 600)
-                if err:  # costs the server some memory, not correctness
-                    print0(f"warning: {err}")
-        if errors:
-            raise RuntimeError("weight sync failed: " + "; ".join(errors))
-    prune_versions(root, "lora_v", version - 1)  # keep the one before too: a server may still be reading it
-
-
-def reset_prefix_caches(urls, attempts=5):
-    """POST /reset_prefix_cache on every server after a weight load. An in-place reload leaves vLLM's prefix
-    cache alone, so a prompt that shares full KV blocks (128 tokens on vLLM's CPU build, 16 on GPUs) with an
-    earlier request reuses keys and values computed with the old weights (tests/test_vllm_server.py: an
-    876-token prompt's log-probs then matched neither the old nor the new weights). The route needs
-    VLLM_SERVER_DEV_MODE=1; {"success": false} means running requests still hold blocks, so it is retried
-    (none should run: the producer waits on the engine lock during a push)."""
-    errors = []
-    for url in urls:
-        for attempt in range(attempts):
-            reply = []
-            err = server_post(url, "reset_prefix_cache", None, "reset_prefix_cache", "start it with "
-                              "VLLM_SERVER_DEV_MODE=1 (else its prefix cache keeps KV computed with old weights)",
-                              600, reply)
-            if err or '"success":false' not in reply[0].replace(" ", ""):
-                break
-            err = f"vLLM server {url} kept its prefix cache after {attempt + 1} resets (blocks still held)"
-            time.sleep(1.0)
-        if err:
-            errors.append(err)
-    return errors
-
-
-_NCCL = {}
-
-
-def push_remote(args, sd, version):
-    """--engine remote: NCCL broadcast into VLLMServerSync.qed_nccl_recv, or safetensors the servers reload."""
-    urls = [u.strip().rstrip("/") for u in args.servers.split(",") if u.strip()]
-    errors = []  # the rpc threads' failures, raised by join() in the trainer's thread
-
-    def rpc(url, method, *a):
-        err = server_post(url, "collective_rpc", {"method": method, "args": [str(x) for x in a]}, method,
-                          "start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls rl.VLLMServerSync")
-        if err:
-            errors.append(err)
-
-    def on_all(method, per_url):  # per_url: the rpc arguments of each server
-        ts = [threading.Thread(target=rpc, args=(u, method, *a)) for u, a in zip(urls, per_url)]
-        for t in ts:
-            t.start()
-        return ts
-
-    def join(ts):
-        for t in ts:
-            t.join()
-        if errors:
-            raise RuntimeError("weight sync failed: " + "; ".join(errors))
-
-    if args.weight_sync == "fs":
-        from safetensors.torch import save_file
-
-        path = os.path.abspath(os.path.join(args.sync_dir or os.path.join(args.output_dir, "sync"), f"v{version:05d}"))
-        os.makedirs(path, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
-        join(on_all("qed_load_dir", [[path]] * len(urls)))
-        errors.extend(reset_prefix_caches(urls))
-        join([])  # raises what failed
-        prune_versions(os.path.dirname(path), "v", version)  # every server holds it: older copies fill the disk
-        return
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
-
-    if "comm" not in _NCCL:  # one group: the trainer (rank 0) and every server GPU
-        host, port = args.nccl_master.rsplit(":", 1)
-        world = 1 + len(urls) * args.server_gpus
-        ts = on_all("qed_nccl_init", [[host, port, 1 + i * args.server_gpus, world] for i in range(len(urls))])
-        pg = StatelessProcessGroup.create(host=host, port=int(port), rank=0, world_size=world)
-        _NCCL["comm"] = PyNcclCommunicator(pg, device=torch.cuda.current_device())
-        join(ts)
-    ts = on_all("qed_nccl_recv", [[json.dumps([[k, str(v.dtype)[6:], list(v.shape)] for k, v in sd.items()])]] * len(urls))
-    for v in sd.values():
-        _NCCL["comm"].broadcast(v.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
-    join(ts)
-    errors.extend(reset_prefix_caches(urls))
-    join([])
-
-
-class VLLMServerSync(rc_decode.VLLMWeightSync):
-    """vLLM worker extension for --engine remote (`vllm serve ... --worker-extension-cls rl.VLLMServerSync`):
-    what the trainer calls through /collective_rpc (string arguments) to load new weights. Loading goes
-    through rc_decode.VLLMWeightSync's in-place reload: vLLM repacks some weights after loading (its
-    CPU backend empties the original linear weights), and model.load_weights alone then fails."""
-
-    def qed_load_dir(self, path):
-        return self._qed_load(path=path)
-
-    def qed_nccl_init(self, host, port, rank_offset, world_size):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.parallel_state import get_world_group
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        pg = StatelessProcessGroup.create(host=host, port=int(port), rank=get_world_group().rank + int(rank_offset),
-                                          world_size=int(world_size))
-        self._qed_comm = PyNcclCommunicator(pg, device=self.device)
-
-    def qed_nccl_recv(self, meta_json):
-        pairs = []  # the whole model once more on the GPU, briefly: one reload instead of one per tensor
-        for name, dtype, shape in json.loads(meta_json):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._qed_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            pairs.append((name, t))
-        torch.cuda.synchronize()
-        return self._qed_load(pairs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: Hugging Face layout + resume state (optimizer shards as safetensors: no pickles)
-
-
-def optimizer_tensors(opt, model):
-    from torch.distributed.tensor import DTensor
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {f"{names[id(p)]}::{k}": (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-            for p, st in opt.state.items() for k, v in st.items() if torch.is_tensor(v)}
-
-
-def load_optimizer_tensors(opt, model, tensors):
-    from torch.distributed.tensor import DTensor
-
-    by_param = {}
-    for key, v in tensors.items():
-        name, k = key.split("::", 1)
-        by_param.setdefault(name, {})[k] = v
-    for name, p in model.named_parameters():
-        st = by_param.get(name)
-        if not st:
-            continue
-        for k, v in st.items():
-            if isinstance(p, DTensor) and v.dim() > 0:
-                if tuple(v.shape) != tuple(p.to_local().shape):
-                    raise ValueError(f"--resume: the optimizer shard of {name} has shape {tuple(v.shape)} but this "
-                                     f"run's is {tuple(p.to_local().shape)}: resume with the same number of processes")
-                st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
-            elif v.dim() > 0:
-                st[k] = v.to(p.device)
-        opt.state[p] = st
-
-
-def save_checkpoint(path, model, tokenizer, opt, state, args, rank, world_size):
-    """<path>/: the model (or the LoRA adapter) via save_pretrained, tokenizer, state.json (step, data
-    position, args), rng.safetensors, optim_rank<r>.safetensors. Written to <path>.tmp, then renamed."""
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
-    sd = None if args.lora_r else full_state_dict(model)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if args.lora_r:
-            model.save_pretrained(tmp)
-        else:
-            unwrap(model).save_pretrained(tmp, state_dict={k: v.cpu() for k, v in sd.items()})
-        tokenizer.save_pretrained(tmp)
-        save_file({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({**state, "python_rng": list(random.getstate()[1]), "args": vars(args)}, f)
-    _barrier(world_size)
-    save_file(optimizer_tensors(opt, model) or {"_empty": torch.zeros(1)}, os.path.join(tmp, f"optim_rank{rank}.safetensors"))
-    _barrier(world_size)
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        with open(os.path.join(args.output_dir, "latest"), "w") as f:
-            f.write(os.path.basename(path))
-        steps = sorted(d for d in os.listdir(args.output_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in steps[:-args.keep_last] if args.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(args.output_dir, d), ignore_errors=True)
-    _barrier(world_size)
-
-
-def from_rank0(obj, world_size):
-    """Rank 0's dict on every rank (a broadcast when there are several); {"error": message} raises the
-    same RuntimeError on all of them, so that every rank saves and stops together."""
-    if world_size > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        obj = box[0]
-    if "error" in obj:
-        raise RuntimeError(obj["error"])
-    return obj
-
-
-def _barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
+# The worker extension of old server command lines (--worker-extension-cls rl.VLLMServerSync); it imports
+# the trainer into the server: engines.VLLMWorker does not.
+VLLMServerSync = engines.VLLMWorker
 
 
 # Flags a resumed run may change: where servers and judges live and how often to save or log. Every
 # other flag changes what the run trains on or how, so --resume with another value is refused.
 RESUME_FREE = {"resume", "overwrite", "stop_after", "save_every", "keep_last", "log_rollouts", "wandb_project",
-               "servers", "nccl_master", "sync_dir", "judge_url", "judge_concurrency", "judge_timeout",
-               "judge_retries", "device"}
-
-
-def prepare_output_dir(args, rank, world_size):
-    """The checkpoint to resume from (or None); refuses to overwrite a run unless asked, and to resume one
-    with other settings (naming each changed flag)."""
-    marker = os.path.join(args.output_dir, "latest")
-    if args.resume:
-        if not os.path.exists(marker):
-            raise common.InputError(f"--resume: no checkpoint in {args.output_dir} (no 'latest' file); run without "
-                                    "--resume")
-        with open(os.path.join(args.output_dir, "args.json")) as f:
-            diff = common.changed_flags(json.load(f), vars(args), RESUME_FREE)
-        if diff:
-            raise common.InputError(f"--resume: {args.output_dir} was made with other settings ({'; '.join(diff)}); "
-                                    "rerun with the original flags, or start a new run in another --output-dir")
-        return os.path.join(args.output_dir, open(marker).read().strip())
-    if os.path.exists(marker) and not args.overwrite:
-        raise common.InputError(f"{args.output_dir} already holds a run: pass --resume to continue it or --overwrite")
-    _barrier(world_size)
-    if rank == 0:
-        if args.overwrite:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    _barrier(world_size)
-    return None
+               "servers", "nccl_master", "sync_dir", "judge_base_url", "judge_api_key_env", "judge_concurrency",
+               "judge_timeout", "judge_max_retries", "device", "gpu_memory_utilization",
+               # old names, in runs saved before the renames
+               "judge_url", "judge_retries", "vllm_gpu_memory_utilization"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1067,55 +577,6 @@ def training_sequences(groups, args, nominal, world_size):
     return out
 
 
-class NonFiniteError(ArithmeticError):
-    """A NaN/inf loss or gradient: the run stops without saving (its last checkpoint stays the last good one)."""
-
-
-def train_step(policy, tap, ref, ref_tap, opt, params, micro_seqs, args, lr, pad_id, device):
-    """--ppo-epochs optimizer steps over this rank's micro-batches. Returns (sums tensor, grad norm)."""
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    def autocast():  # bf16 compute over the fp32 master weights
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    micro = [make_microbatch(m, pad_id, device) for m in micro_seqs]
-    if ref is not None:
-        for m, mb in zip(micro_seqs, micro):
-            if m:
-                with autocast():
-                    lps = sequence_logprobs(ref, ref_tap, m, args.logp_temperature, pad_id, args.pack_tokens)
-                mb["ref_logp"] = torch.tensor([x for lp in lps for x in lp], dtype=torch.float32, device=device)
-    # tokens, entropy, clipped, ratio, kl, loss, max ratio, -min ratio (first pass: the sampler's batch)
-    sums = torch.tensor([0.0] * 6 + [-1e30, -1e30], dtype=torch.float64)
-    gnorm = torch.zeros(())
-    for epoch in range(args.ppo_epochs):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        for mb in micro:
-            with autocast():
-                loss, st = microbatch_loss(policy, tap, mb, args)
-            loss.backward()
-            real = mb["weights"] != 0
-            if epoch == 0 and real.any():
-                r = st["ratio"][real].double()
-                sums[:6] += torch.stack([real.sum().double(), st["entropy"][real].double().sum(),
-                                         st["clipped"][real].double().sum(), r.sum(),
-                                         st["kl"][real].double().sum() if "kl" in st else torch.zeros((), dtype=torch.float64),
-                                         loss.detach().double()])
-                sums[6], sums[7] = max(sums[6], r.max()), max(sums[7], -r.min())
-        # the released 0.3 clips a gradient that DeepSpeed had divided by --grad-clip-divisor; ours is the
-        # plain gradient of sum_t w_t loss_t, so the same clip is 0.3 x divisor here (README)
-        clip = args.grad_clip * args.grad_clip_divisor if args.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-        if not torch.isfinite(gnorm):  # before the optimizer step: the weights stay the last good ones
-            raise NonFiniteError(f"the gradient norm is {float(gnorm)} (loss {float(sums[5])}): training stopped "
-                                 "before the optimizer step; the last checkpoint is the last good state (lower --lr, "
-                                 "check the data)")
-        opt.step()
-    return sums, float(gnorm), sum(mb["num_tokens"] for mb in micro)
-
-
 def step_metrics(graded, stats):
     """Rewards/scores/lengths over every graded group of the step (flat ones included)."""
     samples = [s for g in graded for s in g["samples"]]
@@ -1131,11 +592,77 @@ def step_metrics(graded, stats):
             "judge_latency_mean_s": stats["judge_latency_s"] / max(1, stats["judge_calls"])}
 
 
+def train_metrics(t, gnorm, args):
+    """The TrainStats of a step (reduced over ranks) as per-token means and extremes."""
+    ntok = max(1.0, t.tokens)
+    return {"loss": t.loss, "entropy": t.entropy / ntok, "clip_frac": t.clipped / ntok,
+            "ratio_mean": t.ratio / ntok if t.tokens else 1.0, "ratio_max": max(t.max_ratio, 0.0),
+            "ratio_min": -t.max_neg_ratio if t.tokens else 1.0, "kl": t.kl / ntok, "grad_norm": gnorm,
+            "grad_norm_released": gnorm / args.grad_clip_divisor, "train_tokens": int(t.train_tokens)}
+
+
+def print_step(m, args, stats):
+    print0(f"step {m['step']:05d}/{args.max_steps:05d} | reward {m['reward_mean']:.3f} | solve "
+           f"{m['solve_rate']:.2f} | len {m['response_len_mean']:.0f} | trunc {m['truncation_rate']:.2f} | "
+           f"ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | ratio {m['ratio_mean']:.3f} | lag "
+           f"{m['policy_lag_mean']:.1f} | groups {m['groups_trained']}/{stats['groups_total']} (flat "
+           f"{stats['groups_zero_var']}, failed {stats['groups_failed']}, stale {stats['groups_stale']}) | "
+           f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {m['train_s']:.1f}s sync "
+           f"{m['sync_s']:.1f}s (+{m['sync_wait_s']:.1f}s wait) | dt {m['step_s']:.1f}s")
+
+
 # ---------------------------------------------------------------------------------------------
-# Main
+# Setup: the run's pieces, built once
 
 
-def main(args):
+@dataclass
+class Run:
+    """What the loop works with. Rank 0 alone holds the engine, the producer and the rewards."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    tap: dict
+    ref: object  # the frozen start policy for --kl-beta, or None
+    ref_tap: object
+    opt: torch.optim.Optimizer
+    params: list
+    snapshot: object  # --engine hf: (copy of the policy the engine samples from, its tap)
+    lora_scale: float
+    state: dict  # {"step", "next_batch"}: what a checkpoint records of the loop
+    nominal: int  # sequences per step (the loss normalizer)
+    metrics_path: str
+    wandb: object = None
+    engine: object = None
+    rewards: object = None
+    problems: list = None
+    ro: object = None
+
+
+def lr_at(args, step):
+    """Constant after an optional linear warmup of --warmup-steps."""
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+
+def build_engines(args, tokenizer, snapshot):
+    """Rank 0: the generation engine (the policy's weights) and the RC summarizer's (None: the engine)."""
+    # --engine hf generates on the snapshot; vLLM serves bf16 (the trainer keeps fp32 master weights)
+    engine = engines.from_args(args, snapshot[0] if snapshot else args.model, tokenizer=tokenizer, dtype="bfloat16",
+                               policy=True)
+    summarizer = None
+    if args.rc_turns and args.rc_summarizer_url:
+        summarizer = engines.from_args(args, args.rc_summarizer, "openai", args.rc_summarizer_url, concurrency=512)
+    elif args.rc_turns and args.rc_summarizer != "policy":  # a frozen local model (vLLM beside remote servers)
+        kind = "hf" if args.engine == "hf" else "vllm"
+        summarizer = engines.from_args(args, args.rc_summarizer, kind, dtype="bfloat16",
+                                       **(SUMMARIZER_VLLM if kind == "vllm" else {}))
+    return engine, summarizer
+
+
+def setup(args):
+    """Output folder, model, optimizer, resume, and (rank 0) data, rewards, engine and the rollout producer."""
     rank, _, world_size, device = common.compute_init(args.device)
     common.set_seed(args.seed)
     if args.lora_r and world_size > 1:
@@ -1143,231 +670,184 @@ def main(args):
     if world_size > 1 and args.engine == "vllm":
         raise ValueError("under torchrun use --engine remote (vLLM servers) or --engine hf; colocated vLLM is "
                          "for python rl.py on one GPU")
-    ckpt = prepare_output_dir(args, rank, world_size)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    wandb = None
-    if args.wandb_project and rank == 0:
-        import wandb
-
-        wandb.init(project=args.wandb_project, config=vars(args), dir=args.output_dir)
-
-    # ---- tokenizer and model (a resumed full fine-tune reloads its checkpoint's weights)
-    if args.model == common.TINY_MODEL_DIR and rank == 0:
-        common.make_tiny_model()
-    _barrier(world_size)
-    start_from = ckpt if ckpt and not args.lora_r else args.model
-    tokenizer = common.load_tokenizer(args.tokenizer or start_from)
-    policy = common.load_model(start_from, dtype=torch.float32, device=device)  # fp32 master weights
-    common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or start_from)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if args.kl_beta > 0 else None
-    lora_scale = args.lora_alpha / args.lora_r if args.lora_r else 0.0
-    if args.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        policy = PeftModel.from_pretrained(policy, ckpt, is_trainable=True) if ckpt else get_peft_model(
-            policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_targets,
-                               task_type="CAUSAL_LM"))
-    snapshot = None
-    if args.engine == "hf" and rank == 0:  # generation runs on a copy whose weights change only at sync points
-        snap = copy.deepcopy(policy).eval().requires_grad_(False)
-        snapshot = (snap, tap_hidden(snap))
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if args.lora_r:
-            policy.enable_input_require_grads()
-    policy.train()
-    if world_size > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        for m in [policy] + ([ref] if ref is not None else []):
-            for layer in unwrap(m).model.layers:
-                fully_shard(layer)
-            fully_shard(m)  # the root (embeddings, norm, head) stays unsharded after forward: FSDP2's root default
-    tap, ref_tap = tap_hidden(policy), (tap_hidden(ref) if ref is not None else None)
-
-    # ---- optimizer (AdamW; constant lr after an optional linear warmup)
+    opened = checkpoint.open_run(args, rank, world_size, RESUME_FREE)
+    if opened is None:
+        return None
+    ckpt, wandb = opened
+    tokenizer, policy, ref, snapshot, lora_scale = build_policy(args, rank, world_size, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(float(x) for x in args.adam_betas.split(",")),
                             eps=args.adam_eps, weight_decay=args.weight_decay)
-    state = {"step": 0, "next_batch": 0}
-    if ckpt:
-        from safetensors.torch import load_file
-
-        load_optimizer_tensors(opt, policy, load_file(os.path.join(ckpt, f"optim_rank{rank}.safetensors")))
-        saved = json.load(open(os.path.join(ckpt, "state.json")))
-        state = {"step": saved["step"], "next_batch": saved["next_batch"]}
-        torch.set_rng_state(load_file(os.path.join(ckpt, "rng.safetensors"))["torch"])
-        random.setstate((3, tuple(saved["python_rng"]), None))
-        if rank == 0:  # rows logged after that checkpoint belong to the abandoned future: the resumed run redoes them
-            for path in (metrics_path, os.path.join(args.output_dir, "rollouts.jsonl")):
-                rows = [r for r in common.read_jsonl(path) if r.get("step", 0) <= state["step"]]
-                with open(path, "w") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        print0(f"resumed from {ckpt}: step {state['step']}, next batch {state['next_batch']}")
-
-    def lr_at(step):
-        return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-
-    # ---- data, rewards, engine and the rollout producer: rank 0 (the other ranks get each step's batch)
-    ro = engine = problems = None
     nominal = args.problems_per_step * args.samples_per_problem * (args.rc_states_per_problem if args.rc_turns else 1)
+    run = Run(args, rank, world_size, device, tokenizer, policy, tap_hidden(policy), ref,
+              tap_hidden(ref) if ref is not None else None, opt, params, snapshot, lora_scale,
+              {"step": 0, "next_batch": 0}, nominal, os.path.join(args.output_dir, "metrics.jsonl"), wandb)
+    if ckpt:
+        saved = checkpoint.load(ckpt, policy, opt, rank)
+        run.state = {"step": saved["step"], "next_batch": saved["next_batch"]}
+        print0(f"resumed from {ckpt}: step {saved['step']}, next batch {saved['next_batch']}")
+    if rank == 0 and args.resume:  # rows logged after the checkpoint belong to the abandoned future: redone
+        checkpoint.forget_after(run.state["step"], run.metrics_path, os.path.join(args.output_dir, "rollouts.jsonl"))
+    summarizer = task_prompt = None
     if rank == 0:
-        from rc_decode import make_engine
-
-        problems, reward_kind = load_problems(args)
+        run.problems, reward_kind = load_problems(args)
         task_prompt = None if args.prompt == "none" else args.prompt
-        rewards = Rewards(reward_kind, problems, args)
-        if args.engine == "hf":
-            engine = make_engine("hf", snapshot[0], tokenizer=tokenizer)
-        elif args.engine == "vllm":
-            lora_kw = dict(enable_lora=True, max_lora_rank=args.lora_r, max_loras=1) if args.lora_r else {}
-            engine = make_engine("vllm", start_from, tokenizer=args.tokenizer, dtype="bfloat16", seed=args.seed,
-                                 gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                                 enable_sleep_mode=args.vllm_sleep, max_model_len=args.max_model_len or None, **lora_kw)
-        else:
-            engine = SplitEngine([make_engine("openai", args.served_model or args.model, base_url=u.strip() + "/v1",
-                                              logprobs=True, concurrency=512, extra_body={"return_token_ids": True})
-                                  for u in args.servers.split(",") if u.strip()])
-        summarizer = None
-        if args.rc_turns and args.rc_summarizer_url:
-            summarizer = make_engine("openai", args.rc_summarizer, base_url=args.rc_summarizer_url, concurrency=512)
-        elif args.rc_turns and args.rc_summarizer != "policy":
-            kind = "hf" if args.engine == "hf" else "vllm"
-            summarizer = make_engine(kind, args.rc_summarizer, **({"gpu_memory_utilization": 0.2} if kind == "vllm" else {}))
-    if ckpt and args.engine != "hf":  # the engine loaded the start weights: push the resumed ones
-        push_weights(args, policy, engine, snapshot, lora_scale, state["step"], rank)
+        run.rewards = Rewards(reward_kind, run.problems, args)
+        run.engine, summarizer = build_engines(args, tokenizer, snapshot)
+    if ckpt:  # the engine loaded the start weights: push the resumed ones (hf: the same values its snapshot holds)
+        push_weights(args, policy, run.engine, lora_scale, run.state["step"], rank)
     if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
-        check_sampler_logprobs(args, engine, policy, tap, tokenizer, rank, world_size)
+        check_sampler_logprobs(args, run.engine, policy, run.tap, tokenizer, rank, world_size)
     if rank == 0:
-        ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=problems, engine=engine, summarizer=summarizer,
-                                               snapshot=snapshot, tokenizer=tokenizer, task_prompt=task_prompt,
-                                               rewards=rewards),
-                      state["next_batch"], args.max_lag, state["step"])
+        run.ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=run.problems, engine=run.engine,
+                                                   summarizer=summarizer, snapshot=snapshot, tokenizer=tokenizer,
+                                                   task_prompt=task_prompt, rewards=run.rewards),
+                          run.state["next_batch"], args.max_lag, run.state["step"])
     print0(f"rl: {args.max_steps} steps x {nominal} rollouts | engine {args.engine} | {world_size} process(es) | "
            f"lr {args.lr} | max lag {args.max_lag} | {args.output_dir}")
+    return run
 
-    # ---- loop (SIGTERM, what Slurm sends before a job's end, and Ctrl-C: finish the step, save, exit 128 + signal)
-    step, stop_at = state["step"], args.max_steps if args.stop_after < 0 else min(args.max_steps, args.stop_after)
-    stop = {"signal": 0}
+
+# ---------------------------------------------------------------------------------------------
+# The loop's phases
+
+
+def next_batch(run, step, stats):
+    """Rank 0 collects this step's graded groups and plans the micro-batches; every rank gets the plan.
+    Returns (groups trained, groups graded, this rank's micro-batches, whether no rank has any); a generation
+    failure raises on all ranks."""
+    payload = groups = graded = None
+    if run.rank == 0:
+        try:
+            groups, graded, run.state["next_batch"] = collect(step, run.ro, run.rewards, run.args,
+                                                              run.nominal // run.args.samples_per_problem, stats)
+            seqs = training_sequences(groups, run.args, run.nominal, run.world_size)
+            payload = {"plan": plan_microbatches(seqs, run.world_size, run.args.pack_tokens), "empty": not seqs}
+        except RuntimeError as e:  # tell the other ranks, so that all of them save and stop together
+            if run.world_size == 1:
+                raise
+            payload = {"error": str(e)}
+    payload = from_rank0(payload, run.world_size)
+    return groups, graded, payload["plan"][run.rank], payload["empty"]
+
+
+def train_and_push(run, micro, empty, step, timing):
+    """The optimizer step on this rank's micro-batches, then the new weights (version step + 1) to the
+    engine. Colocated vLLM sleeps meanwhile unless --no-vllm-sleep; the producer's lock keeps it off the
+    engine while the weights change, so every batch's version is the weights it was sampled with."""
+    args = run.args
+    t_train = time.time()
+    stats, gnorm = TrainStats(), 0.0
+    sleeps = run.rank == 0 and run.engine.sleeps
+    pause = contextlib.ExitStack()
+    if sleeps:
+        run.ro.lock.acquire()
+        pause.enter_context(run.engine.paused())  # wakes the weights for the push, the KV cache at close()
+    try:
+        if not empty:
+            try:
+                stats, gnorm, _ = train_step(run.policy, run.tap, run.ref, run.ref_tap, run.opt, run.params, micro,
+                                             args, lr_at(args, step), run.tokenizer.pad_token_id, run.device)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"step {step + 1}: {e}") from None
+        timing["train_s"] = time.time() - t_train
+        t_sync = time.time()
+        timing["sync_wait_s"] = 0.0
+        if not empty:
+            if run.rank == 0 and not sleeps:
+                with run.ro.lock:  # waits for the batch being generated: its version stays truthful
+                    timing["sync_wait_s"] = time.time() - t_sync
+                    push_weights(args, run.policy, run.engine, run.lora_scale, step + 1, run.rank)
+                    run.ro.version = step + 1
+            else:
+                push_weights(args, run.policy, run.engine, run.lora_scale, step + 1, run.rank)
+        if run.rank == 0:
+            run.ro.version = step + 1
+    finally:
+        if sleeps:
+            pause.close()
+            run.ro.lock.release()
+    timing["sync_s"] = time.time() - t_sync - timing["sync_wait_s"]  # the push itself
+    return stats.reduce(run.world_size, run.device), gnorm
+
+
+def log_step(run, step, groups, graded, train, gnorm, stats, timing):
+    """Rank 0: one metrics.jsonl record (and wandb), a few rollouts, one printed line."""
+    args = run.args
+    step_s = time.time() - timing.pop("t_step")
+    m = {"step": step, **step_metrics(graded, stats), "lr": lr_at(args, step - 1), **train_metrics(train, gnorm, args),
+         "groups_trained": len(groups), "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
+         "train_tok_s": train.train_tokens / max(1e-9, timing["train_s"]), **timing, "step_s": step_s}
+    common.append_jsonl(run.metrics_path, m)
+    if run.wandb is not None:
+        run.wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
+    for g in groups[:args.log_rollouts]:
+        common.append_jsonl(os.path.join(args.output_dir, "rollouts.jsonl"), {
+            "step": step, "problem": run.problems[g["row"]]["problem"], "state": g["state"],
+            "completion": g["samples"][0]["text"], "reward": g["rewards"][0]})
+    print_step(m, args, stats)
+
+
+def save(run, name, resumable=True):
+    save_checkpoint(os.path.join(run.args.output_dir, name), run.policy, run.tokenizer, run.opt, run.state, run.args,
+                    run.rank, run.world_size, resumable=resumable)
+
+
+def any_rank(flag, run):
+    """Whether `flag` (a signal number or 0) is set on any rank: every rank stops at the same step."""
+    t = torch.tensor([float(flag)], device=run.device)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def main(args):
+    run = setup(args)
+    if run is None:
+        return
+    step = run.state["step"]
+    stop_at = args.max_steps if args.stop_after < 0 else min(args.max_steps, args.stop_after)
+    stop = {"signal": 0}  # SIGTERM (Slurm's warning before a job's end) or Ctrl-C: finish the step, save, exit
     handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while step < stop_at:
-            t_step, stats, payload = time.time(), Counter(), None
-            if rank == 0:
-                try:
-                    groups, graded, state["next_batch"] = collect(step, ro, rewards, args,
-                                                                  nominal // args.samples_per_problem, stats)
-                    seqs = training_sequences(groups, args, nominal, world_size)
-                    payload = {"plan": plan_microbatches(seqs, world_size, args.pack_tokens), "empty": not seqs}
-                except RuntimeError as e:  # tell the other ranks, so that all of them save and stop together
-                    payload = {"error": str(e)}
-                    if world_size == 1:
-                        raise
-            payload = from_rank0(payload, world_size)
-
-            # ---- train, then push the weights (colocated vLLM sleeps meanwhile unless --no-vllm-sleep; the lock
-            #      keeps the producer off)
-            t_train = time.time()
-            sleeps = rank == 0 and args.engine == "vllm" and args.vllm_sleep
-            if sleeps:
-                ro.lock.acquire()
-                engine.llm.sleep(level=1)
-            try:
-                sums, gnorm, train_tokens = torch.zeros(8, dtype=torch.float64), 0.0, 0
-                if not payload["empty"]:
-                    try:
-                        sums, gnorm, train_tokens = train_step(policy, tap, ref, ref_tap, opt, params,
-                                                               payload["plan"][rank], args, lr_at(step),
-                                                               tokenizer.pad_token_id, device)
-                    except NonFiniteError as e:
-                        raise NonFiniteError(f"step {step + 1}: {e}") from None
-                train_s, t_sync, sync_wait_s = time.time() - t_train, time.time(), 0.0
-                if sleeps:
-                    engine.llm.wake_up(tags=["weights"])
-                step += 1
-                if not payload["empty"]:
-                    if rank == 0 and not sleeps:
-                        with ro.lock:  # waits for the batch being generated: its version stays truthful
-                            sync_wait_s = time.time() - t_sync
-                            push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
-                            ro.version = step
-                    else:
-                        push_weights(args, policy, engine, snapshot, lora_scale, step, rank)
-                if rank == 0:
-                    ro.version = step
-            finally:
-                if sleeps:
-                    engine.llm.wake_up(tags=["kv_cache"])
-                    ro.lock.release()
-            sync_s = time.time() - t_sync - sync_wait_s  # the push itself; sync_wait_s = waiting for the engine
-            if rank == 0:
-                ro.grant(1)  # one more batch may start, with the new weights
-            if world_size > 1:  # sums over ranks (and the token count), the two maxima as maxima; NCCL wants CUDA
-                head = torch.cat([sums[:6], torch.tensor([float(train_tokens)], dtype=torch.float64)]).to(device)
-                tail = sums[6:].to(device)
-                torch.distributed.all_reduce(head)
-                torch.distributed.all_reduce(tail, op=torch.distributed.ReduceOp.MAX)
-                sums = torch.cat([head[:6], tail]).cpu()
-                train_tokens = int(head[6].item())
-                sums[5] /= world_size  # each rank's loss carried the x world_size of training_sequences
-
-            # ---- log
-            if rank == 0:
-                ntok = max(1.0, sums[0].item())
-                m = {"step": step, **step_metrics(graded, stats), "lr": lr_at(step - 1), "loss": sums[5].item(),
-                     "entropy": sums[1].item() / ntok, "clip_frac": sums[2].item() / ntok,
-                     "ratio_mean": sums[3].item() / ntok if sums[0] else 1.0, "ratio_max": max(sums[6].item(), 0.0),
-                     "ratio_min": -sums[7].item() if sums[0] else 1.0, "kl": sums[4].item() / ntok, "grad_norm": gnorm,
-                     "grad_norm_released": gnorm / args.grad_clip_divisor,
-                     "groups_trained": len(groups), "train_tokens": train_tokens, "train_s": train_s,
-                     "gen_tok_s": stats["gen_tokens"] / max(1e-9, stats["gen_s"]),
-                     "train_tok_s": train_tokens / max(1e-9, train_s), "sync_s": sync_s, "sync_wait_s": sync_wait_s,
-                     "step_s": time.time() - t_step}
-                common.append_jsonl(metrics_path, m)
-                if wandb is not None:
-                    wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
-                for g in groups[:args.log_rollouts]:
-                    common.append_jsonl(os.path.join(args.output_dir, "rollouts.jsonl"), {
-                        "step": step, "problem": problems[g["row"]]["problem"], "state": g["state"],
-                        "completion": g["samples"][0]["text"], "reward": g["rewards"][0]})
-                print0(f"step {step:05d}/{args.max_steps:05d} | reward {m['reward_mean']:.3f} | solve "
-                       f"{m['solve_rate']:.2f} | len {m['response_len_mean']:.0f} | trunc {m['truncation_rate']:.2f} | "
-                       f"ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} | ratio {m['ratio_mean']:.3f} | lag "
-                       f"{m['policy_lag_mean']:.1f} | groups {len(groups)}/{stats['groups_total']} (flat "
-                       f"{stats['groups_zero_var']}, failed {stats['groups_failed']}, stale {stats['groups_stale']}) | "
-                       f"gen {stats['gen_s']:.1f}s grade {stats['grade_wait_s']:.1f}s train {train_s:.1f}s sync "
-                       f"{sync_s:.1f}s (+{sync_wait_s:.1f}s wait) | dt {m['step_s']:.1f}s")
-            state["step"] = step
-            signalled = torch.tensor([float(stop["signal"])], device=device)
-            if world_size > 1:  # every rank stops at the same step
-                torch.distributed.all_reduce(signalled, op=torch.distributed.ReduceOp.MAX)
-            if signalled.item() or (args.save_every and step % args.save_every == 0 and step < stop_at):
-                save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state,
-                                args, rank, world_size)
-            if signalled.item():
-                print0(f"stopped after step {step} (signal {int(signalled.item())}); continue with the same command "
-                       "plus --resume")
-                raise SystemExit(128 + int(signalled.item()))
+            timing, stats = {"t_step": time.time()}, Counter()
+            groups, graded, micro, empty = next_batch(run, step, stats)  # graded groups of rollouts, packed
+            train, gnorm = train_and_push(run, micro, empty, step, timing)  # one optimizer step; the engine gets it
+            step += 1
+            run.state["step"] = step
+            if run.rank == 0:
+                run.ro.grant(1)  # one more batch may start, with the new weights
+                log_step(run, step, groups, graded, train, gnorm, stats, timing)
+            signalled = any_rank(stop["signal"], run)
+            if signalled or (args.save_every and step % args.save_every == 0 and step < stop_at):
+                save(run, f"step_{step:05d}")
+            if signalled:
+                print0(f"stopped after step {step} (signal {signalled}); continue with the same command plus --resume")
+                raise SystemExit(128 + signalled)
     except RuntimeError:
         if step > 0:  # keep what was paid for: pending rollouts are discarded, the weights are not
-            state["step"] = step  # a failed weight push comes after the optimizer step: that step is done
+            run.state["step"] = step  # a failed weight push comes after the optimizer step: that step is done
             print0(f"stopping at step {step}: saving a checkpoint first")
-            save_checkpoint(os.path.join(args.output_dir, f"step_{step:05d}"), policy, tokenizer, opt, state, args,
-                            rank, world_size)
+            save(run, f"step_{step:05d}")
         raise
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        if ro is not None:
-            ro.stop()
+        if run.ro is not None:
+            run.ro.stop()
     final = "final" if step >= args.max_steps else f"step_{step:05d}"
-    save_checkpoint(os.path.join(args.output_dir, final), policy, tokenizer, opt, state, args, rank, world_size)
-    if rank == 0:
-        plot_rewards(metrics_path, os.path.join(args.output_dir, "reward_curve.png"))
+    save(run, final, resumable=final != "final")
+    if run.rank == 0:
+        plot_rewards(run.metrics_path, os.path.join(args.output_dir, "reward_curve.png"))
         print0(f"saved {os.path.join(args.output_dir, final)}")
-    if wandb is not None:
-        wandb.finish()
+    if run.wandb is not None:
+        run.wandb.finish()
     common.compute_cleanup()
 
 
@@ -1392,8 +872,4 @@ def plot_rewards(metrics_path, png_path, title="rl.py: mean reward per step"):
 
 
 if __name__ == "__main__":
-    try:
-        common.cli(lambda: main(get_args()))
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    common.cli(lambda: main(parse_args()))

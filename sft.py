@@ -26,21 +26,18 @@ trainer_state.json), final/ (the trained model; LoRA: the adapter, plus final-me
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
-import random
 import resource
-import shutil
 import signal
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import common
+from checkpoint import barrier
 from common import print0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -111,11 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=-1,
                    help="save and exit after this step, to be --resume'd (jobs with a time limit; -1 = never)")
     p.add_argument("--wandb-project", default=None, help="log to this Weights & Biases project (off by default)")
-    args = p.parse_args(argv)
-    if args.preset == "tiny":  # preset values become the defaults, so flags given explicitly still win
-        p.set_defaults(**TINY)
-        args = p.parse_args(argv)
-    return args
+    return common.parse_with_preset(p, argv, {"tiny": TINY})
 
 
 def check_args(args, world_size):
@@ -244,17 +237,6 @@ def n_loss_tokens(example):
     return sum(example[1][1:])
 
 
-@functools.lru_cache(maxsize=8)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def step_rows(step, n, global_batch, seed):
-    """Example indices of optimizer step `step`: a slice of an endless stream made of one seeded
-    shuffle per epoch. The data position is a function of the step: resuming needs no loader state."""
-    return [epoch_order(n, seed, i // n)[i % n] for i in range(step * global_batch, (step + 1) * global_batch)]
-
-
 def micro_batches(rows, lengths, rank, world_size, micro):
     """This rank's micro-batches (lists of example indices). Rows are sorted by length and dealt
     round-robin within each group of world * micro rows, so all ranks get similar work per micro-step."""
@@ -358,13 +340,7 @@ def lr_at(step, *, peak, total, warmup_ratio, min_ratio=0.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints: a Hugging Face export plus per-rank resume state (safetensors + JSON, no pickle)
-
-
-def local(t):
-    """A CPU copy of the local shard of a (possibly FSDP2-sharded DTensor) tensor."""
-    t = (t.to_local() if hasattr(t, "to_local") else t).detach()
-    return t.cpu() if t.is_cuda else t.clone()  # own storage: safetensors refuses shared tensors
+# checkpoints: checkpoint.py's format; the Hugging Face export is this stage's own
 
 
 def export_hf(model, tokenizer, path, rank, world_size, dtype):
@@ -389,130 +365,6 @@ def export_hf(model, tokenizer, path, rank, world_size, dtype):
     tokenizer.save_pretrained(path)
 
 
-def save_checkpoint(path, step, model, opt, tokenizer, args, extra, rank, world_size, dtype, resumable=True):
-    """Write checkpoint folder `path` atomically: a temp folder, renamed once every rank has written."""
-    from safetensors.torch import save_file
-
-    tmp = path + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "resume") if resumable else tmp)
-    barrier(world_size)
-    export_hf(model, tokenizer, tmp, rank, world_size, dtype)
-    if resumable:
-        tensors = {"model." + n: local(p) for n, p in model.named_parameters() if p.requires_grad}
-        osd, meta = opt.state_dict(), {}
-
-        def flatten(key, v):  # "optim.<param index>/<key>[/<nested key>]" (bitsandbytes nests dicts)
-            if isinstance(v, dict):
-                for k, x in v.items():
-                    flatten(f"{key}/{k}", x)
-            elif torch.is_tensor(v):
-                tensors[key] = local(v)
-            else:
-                meta[key] = json.dumps(v)
-
-        for idx, st in osd["state"].items():
-            flatten(f"optim.{idx}", st)
-        tensors["rng.torch_cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
-        np_state = np.random.get_state()
-        meta.update(param_groups=json.dumps(osd["param_groups"]), python_rng=json.dumps(random.getstate()),
-                    numpy_rng=json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]))
-        save_file(tensors, os.path.join(tmp, "resume", f"rank{rank:05d}.safetensors"), metadata=meta)
-    barrier(world_size)
-    if rank == 0:
-        state = dict(step=step, rows_consumed=step * args.global_batch_size, world_size=world_size,
-                     args=vars(args), **extra)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks it complete
-            json.dump(state, f, indent=1)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    barrier(world_size)
-
-
-def load_resume_state(path, model, opt, rank):
-    """Restore this rank's trainable weights, optimizer state and RNG states from checkpoint `path`."""
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
-
-    with safe_open(os.path.join(path, "resume", f"rank{rank:05d}.safetensors"), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if k.startswith("model."):
-                p = params[k.removeprefix("model.")]
-                (p.to_local() if isinstance(p, DTensor) else p).copy_(v)
-    by_idx = [p for g in opt.param_groups for p in g["params"]]
-    state = {}
-    for k, v in list(tensors.items()) + [(k, json.loads(s)) for k, s in meta.items()]:
-        if not k.startswith("optim."):
-            continue
-        head, *parents, name = k.split("/")
-        idx = int(head.removeprefix("optim."))
-        p = by_idx[idx]
-        if torch.is_tensor(v) and isinstance(p, DTensor) and v.dim() > 0:  # back to the parameter's sharding
-            v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                   shape=p.shape, stride=p.stride())
-        d = state.setdefault(idx, {})
-        for part in parents:
-            d = d.setdefault(part, {})
-        d[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
-    py, npy = json.loads(meta["python_rng"]), json.loads(meta["numpy_rng"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
-
-
-def checkpoints(out):
-    """Completed resumable checkpoints in `out`, oldest first."""
-    names = sorted(n for n in os.listdir(out) if n.startswith("step_") and not n.endswith(".tmp")) \
-        if os.path.isdir(out) else []
-    return [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n, "trainer_state.json"))]
-
-
-def prepare_output_dir(args, rank, world_size):
-    """Check --output-dir against --resume / --overwrite; returns the checkpoint to resume from (or None)."""
-    out, args_file = args.output_dir, os.path.join(args.output_dir, "args.json")
-    if os.path.exists(args_file) and not (args.resume or args.overwrite):
-        raise ValueError(f"--output-dir {out!r} already holds a run ({args_file}); pass --resume to continue it, "
-                         "--overwrite to delete it and start over, or choose another --output-dir")
-    ckpt = None
-    if args.resume and not os.path.exists(args_file):
-        raise common.InputError(f"--resume: {out!r} holds no run (no {args_file}); drop --resume to start one there")
-    if args.resume:
-        with open(args_file) as f:
-            old, new = json.load(f), vars(args)
-        diff = common.changed_flags(old, new, RESUME_FREE_ARGS)
-        if diff:
-            raise ValueError(f"--resume: {args_file} was written with other settings ({'; '.join(diff)}); rerun "
-                             "with the original flags, or start a new run in another --output-dir")
-        ckpt = (checkpoints(out) or [None])[-1]
-        if ckpt:
-            with open(os.path.join(ckpt, "trainer_state.json")) as f:
-                saved = json.load(f)["world_size"]
-            if saved != world_size:
-                raise ValueError(f"--resume: {ckpt} was written by {saved} processes, this run has {world_size}; "
-                                 "resume with the same number (the optimizer state is sharded per rank)")
-    barrier(world_size)  # every rank has checked before rank 0 rewrites args.json
-    if rank == 0:
-        if args.overwrite and os.path.isdir(out):
-            for name in os.listdir(out):
-                if name in ("args.json", "metrics.jsonl", "final", "final-merged") or name.startswith("step_"):
-                    p = os.path.join(out, name)
-                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-        os.makedirs(out, exist_ok=True)
-        with open(args_file, "w") as f:
-            json.dump(vars(args), f, indent=1)
-    barrier(world_size)
-    return ckpt
-
-
 def merge_lora(args, adapter_dir, tokenizer):
     """The base model (reloaded unquantized) with the trained adapter merged in -> final-merged/."""
     from peft import PeftModel
@@ -535,8 +387,7 @@ def make_autocast(device, world_size, compute_dtype):
             and compute_dtype == torch.bfloat16 else contextlib.nullcontext())
 
 
-class NonFiniteError(ArithmeticError):
-    """A NaN/inf loss or gradient norm: the run stops without saving (its last checkpoint stays good)."""
+NonFiniteError = common.NonFiniteError
 
 
 def train_step(model, opt, trainable, batches, total_tokens, device, world_size, autocast, grad_clip):
@@ -568,11 +419,6 @@ def train_step(model, opt, trainable, batches, total_tokens, device, world_size,
 # distributed helpers and throughput bookkeeping
 
 
-def barrier(world_size):
-    if world_size > 1:
-        dist.barrier()
-
-
 def all_sum(x, world_size, device):
     """Sum of a number (or 0-dim tensor) over ranks, as a Python float (NCCL wants it on the GPU)."""
     t = torch.as_tensor(x, dtype=torch.float64).to(device)
@@ -600,6 +446,64 @@ def peak_mem_gib(device):
 # the run
 
 
+def load_policy(args, rank, world_size, device):
+    """(tokenizer, model, trainable parameters, compute dtype), the tokenizer checked against the model."""
+    if args.preset == "tiny" and args.model == common.TINY_MODEL_DIR:
+        if rank == 0:
+            common.make_tiny_model()
+        barrier(world_size)
+    try:
+        tokenizer = common.load_tokenizer(args.tokenizer or args.model)
+    except ValueError as e:
+        raise ValueError(f"{e} (flag --tokenizer)") from None
+    model, trainable, compute_dtype = build_model(args, device, world_size)
+    common.check_tokenizer_matches(tokenizer, model.causal_lm(), args.tokenizer or args.model)
+    n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
+    print0(f"model {args.model}: {n_params / 1e6:.1f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
+           f"trainable, compute {compute_dtype}, {world_size} process(es){' (FSDP2)' if world_size > 1 else ''}, "
+           f"device {device}")
+    return tokenizer, model, trainable, compute_dtype
+
+
+def print_step(rec, max_steps):
+    val_s = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+    mfu = rec["mfu"]
+    print0(f"step {rec['step']:05d}/{max_steps:05d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm "
+           f"{rec['gnorm']:.3f} | tok/s {rec['tok_s']:.0f} | mfu {'-' if mfu is None else f'{mfu:.2f}'} | "
+           f"mem {rec['mem_gib']:.1f}G | dt {rec['dt']:.2f}s{val_s}")
+
+
+def split_data(args, tokenizer, world_size):
+    """(train examples, validation examples, load stats): --val-rows conversations held out by a seeded
+    shuffle, the rest in file order."""
+    examples, stats = load_examples(args, tokenizer)
+    if args.val_rows >= len(examples):
+        raise ValueError(f"--val-rows {args.val_rows} leaves no training data ({len(examples)} usable conversations)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    val = [examples[i] for i in order[:args.val_rows]]
+    train_ex = [examples[i] for i in sorted(order[args.val_rows:])]
+    n_tokens = sum(len(e[0]) for e in train_ex)
+    grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    print0(f"data {args.data}: {stats['rows']} rows -> {len(train_ex)} train + {len(val)} val conversations; "
+           f"dropped {stats['dropped_overlong']} longer than {args.max_length} tokens, truncated "
+           f"{stats['truncated']}, skipped {stats['skipped_bad']} malformed; {n_tokens} train tokens, "
+           f"{args.global_batch_size * args.max_steps / len(train_ex):.2f} epochs, {grad_accum} micro-batches/step")
+    return train_ex, val, stats
+
+
+def validation_loss(model, val, args, rank, world_size, device, autocast, pad_id):
+    """Mean cross-entropy over all held-out assistant tokens (every rank calls it: FSDP2 collectives)."""
+    model.eval()
+    total, loss = sum(n_loss_tokens(e) for e in val), 0.0
+    with torch.no_grad():
+        for mb in micro_batches(range(len(val)), [len(e[0]) for e in val], rank, world_size, args.micro_batch_size):
+            batch = [val[i] for i in mb] or [([pad_id], [0])]  # idle ranks still join FSDP
+            with autocast:
+                loss += model(*pack(batch, device)).detach()
+    model.train()
+    return all_sum(loss, world_size, device) / total
+
+
 def train(args):
     """Run SFT with parsed `args`; returns dict(model=the trained CausalLMLoss, history=step records)."""
     rank, _, world_size, device = common.compute_init(args.device)
@@ -614,37 +518,48 @@ def train(args):
             signal.signal(s, h)
 
 
-def _train(args, rank, world_size, device, stop):
-    resume_from = prepare_output_dir(args, rank, world_size)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    done = os.path.join(args.output_dir, "final", "trainer_state.json")
-    if args.resume and os.path.exists(done):
-        print0(f"{args.output_dir} already finished ({done}); nothing to do")
-        return None
-    common.set_seed(args.seed)
-    wandb_run = None
-    if args.wandb_project and rank == 0:
-        import wandb
+def optimizer_step(step, args, model, opt, trainable, train_ex, lengths, lr, autocast, rank, world_size, device,
+                   mfu_of):
+    """Optimizer step `step` (0-based) on its rows of the epoch stream (lengths: train_ex's token counts);
+    returns its metrics record."""
+    t0 = time.time()
+    rows = common.epoch_rows(len(train_ex), args.seed, step * args.global_batch_size, args.global_batch_size)
+    total_tokens = sum(n_loss_tokens(train_ex[i]) for i in rows)  # of the whole global batch: every rank knows
+    for g in opt.param_groups:
+        g["lr"] = lr
+    mbs = micro_batches(rows, lengths, rank, world_size, args.micro_batch_size)
+    assert len(mbs) == args.global_batch_size // (args.micro_batch_size * world_size)
+    try:
+        loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
+                                     total_tokens, device, world_size, autocast, args.grad_clip)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"step {step + 1}: {e}") from None
+    loss = all_sum(loss_sum, world_size, device) / total_tokens
+    seq_lens = [lengths[i] for i in rows]
+    dt = time.time() - t0
+    return dict(step=step + 1, loss=loss, lr=lr, gnorm=gnorm, tokens=sum(seq_lens), loss_tokens=total_tokens,
+                tok_s=sum(seq_lens) / dt, mfu=mfu_of(seq_lens, dt), mem_gib=peak_mem_gib(device), dt=dt)
 
-        wandb_run = wandb.init(project=args.wandb_project, config=vars(args),
-                               name=os.path.basename(os.path.abspath(args.output_dir)))
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (for MFU), or None where it is not in PEAK_BF16_FLOPS."""
+    if device.type != "cuda":
+        return None
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def _train(args, rank, world_size, device, stop):
+    opened = checkpoint.open_run(args, rank, world_size, RESUME_FREE_ARGS)
+    if opened is None:
+        return None
+    resume_from, wandb_run = opened
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    common.set_seed(args.seed)
 
     # ---- tokenizer and model
-    if args.preset == "tiny" and args.model == common.TINY_MODEL_DIR:
-        if rank == 0:
-            common.make_tiny_model()
-        barrier(world_size)
-    try:
-        tokenizer = common.load_tokenizer(args.tokenizer or args.model)
-    except ValueError as e:
-        raise ValueError(f"{e} (flag --tokenizer)") from None
-    model, trainable, compute_dtype = build_model(args, device, world_size)
-    common.check_tokenizer_matches(tokenizer, model.causal_lm(), args.tokenizer or args.model)
+    tokenizer, model, trainable, compute_dtype = load_policy(args, rank, world_size, device)
     cfg = model.causal_lm().config
     n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
-    print0(f"model {args.model}: {n_params / 1e6:.1f}M params, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
-           f"trainable, compute {compute_dtype}, {world_size} process(es){' (FSDP2)' if world_size > 1 else ''}, "
-           f"device {device}")
     autocast = make_autocast(device, world_size, compute_dtype)
 
     # ---- optimizer and schedule
@@ -653,103 +568,57 @@ def _train(args, rank, world_size, device, stop):
                               min_ratio=args.min_lr_ratio)
 
     # ---- data
-    examples, stats = load_examples(args, tokenizer)
-    if args.val_rows >= len(examples):
-        raise ValueError(f"--val-rows {args.val_rows} leaves no training data ({len(examples)} usable conversations)")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    val = [examples[i] for i in order[:args.val_rows]]
-    train_ex = [examples[i] for i in sorted(order[args.val_rows:])]
-    lengths = [len(e[0]) for e in train_ex]
-    grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
-    print0(f"data {args.data}: {stats['rows']} rows -> {len(train_ex)} train + {len(val)} val conversations; "
-           f"dropped {stats['dropped_overlong']} longer than {args.max_length} tokens, truncated "
-           f"{stats['truncated']}, skipped {stats['skipped_bad']} malformed; {sum(lengths)} train tokens, "
-           f"{args.global_batch_size * args.max_steps / len(train_ex):.2f} epochs, {grad_accum} micro-batches/step")
+    train_ex, val, stats = split_data(args, tokenizer, world_size)
+    lengths = [len(e[0]) for e in train_ex]  # once: every step looks them up
 
     def evaluate():
-        """Validation loss: mean cross-entropy over all held-out assistant tokens."""
-        model.eval()
-        total, loss = sum(n_loss_tokens(e) for e in val), 0.0
-        with torch.no_grad():
-            for mb in micro_batches(range(len(val)), [len(e[0]) for e in val], rank, world_size,
-                                    args.micro_batch_size):
-                batch = [val[i] for i in mb] or [([tokenizer.pad_token_id], [0])]  # idle ranks still join FSDP
-                with autocast:
-                    loss += model(*pack(batch, device)).detach()
-        model.train()
-        return all_sum(loss, world_size, device) / total
+        return validation_loss(model, val, args, rank, world_size, device, autocast, tokenizer.pad_token_id)
 
-    # ---- resume
-    start = 0
-    if resume_from:
-        load_resume_state(resume_from, model, opt, rank)
-        with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            start = json.load(f)["step"]
-        print0(f"resumed from {resume_from} at step {start} ({start * args.global_batch_size} conversations done)")
-    if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint: they are redone
-        recs = [r for r in common.read_jsonl(metrics_path) if r.get("step", 0) <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+    # ---- resume (steps logged after the checkpoint are forgotten: they are redone)
+    start = checkpoint.load(resume_from, model, opt, rank)["step"] if resume_from else 0
+    print0(f"resumed from {resume_from} at step {start} ({start * args.global_batch_size} conversations done)"
+           if resume_from else f"starting {args.output_dir}")
+    if rank == 0:
+        checkpoint.forget_after(start, metrics_path)
     history = []
 
-    def checkpoint(step, path, resumable=True):
-        save_checkpoint(path, step, model, opt, tokenizer, args, dict(data=stats, last=history[-1:]), rank,
-                        world_size, compute_dtype, resumable=resumable)
-        if rank == 0 and resumable and args.keep_last > 0:
-            for old in checkpoints(args.output_dir)[:-args.keep_last]:
-                shutil.rmtree(old)
+    def save(step, path, resumable=True):
+        state = dict(step=step, rows_consumed=step * args.global_batch_size, data=stats, last=history[-1:])
+        checkpoint.save(path, export=lambda out: export_hf(model, tokenizer, out, rank, world_size, compute_dtype),
+                        model=model, opt=opt, args=args, state=state, rank=rank, world_size=world_size,
+                        resumable=resumable, keep_last=args.keep_last)
         print0(f"saved {path}")
 
     # ---- loop
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
+    peak = peak_flops(device)
     model.train()
     for step in range(start, args.max_steps):
-        t0 = time.time()
-        rows = step_rows(step, len(train_ex), args.global_batch_size, args.seed)
-        total_tokens = sum(n_loss_tokens(train_ex[i]) for i in rows)  # of the whole global batch: every rank knows
-        lr = lr_of(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        mbs = micro_batches(rows, lengths, rank, world_size, args.micro_batch_size)
-        assert len(mbs) == grad_accum
-        try:
-            loss_sum, gnorm = train_step(model, opt, trainable, [[train_ex[i] for i in mb] for mb in mbs],
-                                         total_tokens, device, world_size, autocast, args.grad_clip)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"step {step + 1}: {e}") from None
-        loss = all_sum(loss_sum, world_size, device) / total_tokens
-        dt = time.time() - t0
-        seq_lens = [lengths[i] for i in rows]
-        mfu = train_flops(n_params, cfg, seq_lens) / dt / (peak * world_size) if peak else None
-        rec = dict(step=step + 1, loss=loss, lr=lr, gnorm=gnorm, tokens=sum(seq_lens), loss_tokens=total_tokens,
-                   tok_s=sum(seq_lens) / dt, mfu=mfu, mem_gib=peak_mem_gib(device), dt=dt)
+        rec = optimizer_step(step, args, model, opt, trainable, train_ex, lengths, lr_of(step), autocast, rank,
+                             world_size, device, mfu_of=lambda seq_lens, dt: train_flops(n_params, cfg, seq_lens) / dt /
+                             (peak * world_size) if peak else None)
         last = step + 1 == args.max_steps
         if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or last):
             rec["val_loss"] = evaluate()
         history.append(rec)
-        val_s = f" | val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-        print0(f"step {step + 1:05d}/{args.max_steps:05d} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
-               f"tok/s {rec['tok_s']:.0f} | mfu {'-' if mfu is None else f'{mfu:.2f}'} | "
-               f"mem {rec['mem_gib']:.1f}G | dt {dt:.2f}s{val_s}")
+        print_step(rec, args.max_steps)
         if rank == 0:
             common.append_jsonl(metrics_path, rec)
             if wandb_run:
                 wandb_run.log(rec, step=step + 1)
         stop_now = all_sum(stop["signal"] is not None, world_size, device) > 0  # all ranks stop together
-        if stop_now or step + 1 == args.stop_after:
-            checkpoint(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
+        stopping = stop_now or step + 1 == args.stop_after
+        if stopping or (args.save_every > 0 and (step + 1) % args.save_every == 0 and not last):
+            save(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
+        if stopping:
             why = f"signal {stop['signal']}" if stop_now else f"--stop-after {args.stop_after}"
             print0(f"stopped after step {step + 1} ({why}); continue with the same command plus --resume")
             if stop_now:
                 raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
             return dict(model=model, history=history)
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and not last:
-            checkpoint(step + 1, os.path.join(args.output_dir, f"step_{step + 1:05d}"))
 
     # ---- the trained model
     final = os.path.join(args.output_dir, "final")
-    checkpoint(args.max_steps, final, resumable=False)
+    save(args.max_steps, final, resumable=False)
     if args.merge_lora and rank == 0:
         merge_lora(args, final, tokenizer)
     if wandb_run:
@@ -760,8 +629,5 @@ def _train(args, rank, world_size, device, stop):
 if __name__ == "__main__":
     try:
         common.cli(lambda: train(parse_args()))
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         common.compute_cleanup()

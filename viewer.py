@@ -60,7 +60,7 @@ def load_run(run_dir, problems=None, breakdowns=None, grader=None):
     args_path = os.path.join(run_dir, "args.json")
     if not os.path.isfile(args_path):
         raise ValueError(f"{run_dir}: no args.json, so this is not an eval.py output folder "
-                         "(pass the --out-dir of an eval.py run)")
+                         "(pass the --output-dir of an eval.py run)")
     with open(args_path) as f:
         args = json.load(f)
     summary = None
@@ -284,92 +284,11 @@ def write_html(path, runs, title):
     subsets = [row["subset"] for row in base["summary"]["table"]]
     for r in runs[1:]:
         subsets += [row["subset"] for row in r["summary"]["table"] if row["subset"] not in subsets]
-    incomplete = [r for r in runs if r["summary"]["counts"]["missing"] or r["summary"]["counts"]["ungraded"]]
 
-    e = html.escape
-    out = [f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
-           '<link rel="icon" href="data:,"><meta name="viewport" content="width=device-width, initial-scale=1">'
-           f"<style>{CSS}</style></head><body>\n<h1>{e(title)}</h1>\n"]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    for r in incomplete:
-        c = r["summary"]["counts"]
-        out.append(f'<p class="banner" id="in-progress">{e(r["name"])}: incomplete at {stamp}: {c["missing"]} samples '
-                   f'not yet generated or graded, {c["ungraded"]} ungraded after judge errors. Reload to see more '
-                   "(eval.py rewrites this page after every generation chunk).</p>\n")
-    for r in runs:
-        if r["notice"]:
-            out.append(f'<p class="banner">{e(r["name"])}: {e(r["notice"])}</p>\n')
-    # ---- the score table: avg@n (std of the run means) per subset and run
-    head = "".join(f"<th>{e(r['name'])}<br>avg@{r['n']} (std)</th>" for r in runs)
-    out.append(f'<table id="scores"><thead><tr><th>subset</th><th>problems</th>{head}'
-               + ("<th>run means</th>" if not compare else "".join(f"<th>&Delta; {e(r['name'])}</th>"
-                                                                   for r in runs[1:]))
-               + "</tr></thead><tbody>\n")
-    rows_of = [{row["subset"]: row for row in r["summary"]["table"]} for r in runs]
-    for s in subsets:
-        cells = [rows_of[j].get(s) for j in range(len(runs))]
-        nprob = next(c["problems"] for c in cells if c is not None)
-        tail = ("<td>" + ", ".join(f"{x:.1f}" for x in cells[0]["runs"]) + "</td>" if not compare else
-                "".join(f"<td>{_delta(cells[0], c)}</td>" for c in cells[1:]))
-        out.append(f"<tr><td>{e(s)}</td><td>{nprob}</td>" + "".join(f"<td>{_cell_avg(c)}</td>" for c in cells)
-                   + tail + "</tr>\n")
-    out.append("</tbody></table>\n")
-    for r in runs:
-        c = r["summary"]["counts"]
-        out.append(f'<p class="counts">{e(r["name"])}: graded {c["graded"]}, parse failures {c["parse_failed"]} '
-                   f'(counted 0), truncated {c["truncated"]} (counted 0), ungraded {c["ungraded"]}, '
-                   f'not yet generated/graded {c["missing"]}. Score = mean over problems of score/7 in percent; '
-                   f"std over the {r['n']} run means (run k = sample k of every problem).</p>\n")
-    # ---- filters
-    opts = "".join(f'<option value="{e(s)}">{e(s)}</option>' for s in subsets if s != "all")
-    flag_opts = "".join(f'<option value="{f}">{FLAGS[f][0]}: {f.replace("_", " ")}</option>' for f in FLAGS)
-    out.append('<div id="filters">'
-               f'<label>subset <select id="f-subset"><option value="">all</option>{opts}</select></label>'
-               f'<label>score{" of " + e(base["name"]) if compare else ""} <select id="f-score">'
-               '<option value="">any</option><option value="zero">mean 0</option>'
-               '<option value="partial">0 &lt; mean &lt; 7</option><option value="full">mean 7</option>'
-               '<option value="lt3.5">mean &lt; 3.5</option><option value="ge3.5">mean &ge; 3.5</option>'
-               '<option value="none">no score yet</option></select></label>'
-               f'<label>flag <select id="f-flag"><option value="">any</option>{flag_opts}'
-               '<option value="clean">no flag</option></select></label>'
-               + ('<label>&Delta; vs first <select id="f-delta"><option value="">any</option>'
-                  '<option value="up">some run better</option><option value="down">some run worse</option>'
-                  '<option value="same">all equal</option></select></label>' if compare else "")
-               + '<label>id <input id="f-id" type="search" placeholder="substring"></label>'
-               '<span id="shown"></span></div>\n'
-               '<p class="legend">Click a row to see its samples. Chips: score 0-7 per sample; letters: '
-               + "; ".join(f"<b>{FLAGS[f][0]}</b> {f.replace('_', ' ')}" for f in FLAGS) + ".</p>\n")
-    # ---- one row per problem
-    mhead = "".join(f"<th>{e(r['name'])} mean</th><th>samples</th>" if compare else "<th>mean</th><th>samples</th>"
-                    for r in runs)
-    dhead = "".join(f"<th>&Delta; {e(r['name'])}</th>" for r in runs[1:])
-    out.append(f'<table id="problems"><thead><tr><th></th><th>id</th><th>subsets</th>{mhead}{dhead}'
-               "<th>flags</th></tr></thead><tbody>\n")
+    out = [_page_head(runs, title, stamp), _score_table(runs, subsets, compare), _filters(runs, subsets, compare),
+           _problem_rows(runs, ids, by_id, subsets, compare)]
     ncols = 4 + 2 * len(runs) + len(runs) - 1
-    for i, pid in enumerate(ids):
-        p0 = next(d[pid] for d in by_id if pid in d)
-        names = _problem_subsets(p0, subsets)
-        cells, means, flags = [], [], set()
-        for r, d in zip(runs, by_id):
-            pp = r["summary"]["per_problem"].get(pid) if pid in d else None
-            mean = None if pp is None else _num(pp["mean"])
-            means.append(mean)
-            chips = []
-            for k in range(r["n"]):
-                fl = sample_flags(r["gens"].get((pid, k)), r["grades"].get((pid, k)))
-                flags.update(fl)
-                g = r["grades"].get((pid, k))
-                chips.append(_chip(None if g is None or g.get("error") else (g.get("score") or 0), fl))
-            cells.append(f'<td class="num">{_fmt(mean, 2)}</td><td>{"".join(chips) if pid in d else "absent"}</td>')
-        deltas = [None if m is None or means[0] is None else m - means[0] for m in means[1:]]
-        dcells = "".join(f'<td class="num {_dcls(x)}">{"-" if x is None else f"{x:+.2f}"}</td>' for x in deltas)
-        flag_txt = " ".join(sorted(flags))
-        out.append(f'<tr class="prob" data-i="{i}" data-subsets="{e("|".join(names))}" '
-                   f'data-mean="{"" if means[0] is None else means[0]}" data-flags="{flag_txt}" '
-                   f'data-deltas="{",".join("" if x is None else f"{x:.4f}" for x in deltas)}">'
-                   f'<td class="tog">&#9656;</td><td class="pid">{e(str(pid))}</td><td>{e(", ".join(names))}</td>'
-                   f'{"".join(cells)}{dcells}<td class="flags">{e(flag_txt.replace("_", " "))}</td></tr>\n')
-    out.append("</tbody></table>\n")
     meta = dict(runs=[dict(name=r["name"], n=r["n"], title=r["title"], grader=r["grader"],
                            scaffold=r["args"].get("scaffold")) for r in runs], ncols=ncols, compare=compare)
     # the script comes before the data blocks: rows are clickable while a large file is still
@@ -395,6 +314,113 @@ def write_html(path, runs, title):
         f.write(f"<!-- written {stamp} in {time.time() - t0:.1f}s -->\n</body></html>\n")
     os.replace(tmp, path)
     return path
+
+
+def _page_head(runs, title, stamp):
+    """The document head, the title and the banners of incomplete runs."""
+    e = html.escape
+    incomplete = [r for r in runs if r["summary"]["counts"]["missing"] or r["summary"]["counts"]["ungraded"]]
+    out = [f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+           '<link rel="icon" href="data:,"><meta name="viewport" content="width=device-width, initial-scale=1">'
+           f"<style>{CSS}</style></head><body>\n<h1>{e(title)}</h1>\n"]
+    for r in incomplete:
+        c = r["summary"]["counts"]
+        out.append(f'<p class="banner" id="in-progress">{e(r["name"])}: incomplete at {stamp}: {c["missing"]} samples '
+                   f'not yet generated or graded, {c["ungraded"]} ungraded after judge errors. Reload to see more '
+                   "(eval.py rewrites this page after every generation chunk).</p>\n")
+    for r in runs:
+        if r["notice"]:
+            out.append(f'<p class="banner">{e(r["name"])}: {e(r["notice"])}</p>\n')
+    return "".join(out)
+
+
+def _score_table(runs, subsets, compare):
+    """avg@n (std of the run means) per subset and run, then each run's counts."""
+    e = html.escape
+    out = []
+    head = "".join(f"<th>{e(r['name'])}<br>avg@{r['n']} (std)</th>" for r in runs)
+    out.append(f'<table id="scores"><thead><tr><th>subset</th><th>problems</th>{head}'
+               + ("<th>run means</th>" if not compare else "".join(f"<th>&Delta; {e(r['name'])}</th>"
+                                                                   for r in runs[1:]))
+               + "</tr></thead><tbody>\n")
+    rows_of = [{row["subset"]: row for row in r["summary"]["table"]} for r in runs]
+    for s in subsets:
+        cells = [rows_of[j].get(s) for j in range(len(runs))]
+        nprob = next(c["problems"] for c in cells if c is not None)
+        tail = ("<td>" + ", ".join(f"{x:.1f}" for x in cells[0]["runs"]) + "</td>" if not compare else
+                "".join(f"<td>{_delta(cells[0], c)}</td>" for c in cells[1:]))
+        out.append(f"<tr><td>{e(s)}</td><td>{nprob}</td>" + "".join(f"<td>{_cell_avg(c)}</td>" for c in cells)
+                   + tail + "</tr>\n")
+    out.append("</tbody></table>\n")
+    for r in runs:
+        c = r["summary"]["counts"]
+        out.append(f'<p class="counts">{e(r["name"])}: graded {c["graded"]}, parse failures {c["parse_failed"]} '
+                   f'(counted 0), truncated {c["truncated"]} (counted 0), ungraded {c["ungraded"]}, '
+                   f'not yet generated/graded {c["missing"]}. Score = mean over problems of score/7 in percent; '
+                   f"std over the {r['n']} run means (run k = sample k of every problem).</p>\n")
+    return "".join(out)
+
+
+def _filters(runs, subsets, compare):
+    """The filter bar (subset, score, flag, delta, id) and the legend."""
+    e = html.escape
+    base = runs[0]
+    out = []
+    opts = "".join(f'<option value="{e(s)}">{e(s)}</option>' for s in subsets if s != "all")
+    flag_opts = "".join(f'<option value="{f}">{FLAGS[f][0]}: {f.replace("_", " ")}</option>' for f in FLAGS)
+    out.append('<div id="filters">'
+               f'<label>subset <select id="f-subset"><option value="">all</option>{opts}</select></label>'
+               f'<label>score{" of " + e(base["name"]) if compare else ""} <select id="f-score">'
+               '<option value="">any</option><option value="zero">mean 0</option>'
+               '<option value="partial">0 &lt; mean &lt; 7</option><option value="full">mean 7</option>'
+               '<option value="lt3.5">mean &lt; 3.5</option><option value="ge3.5">mean &ge; 3.5</option>'
+               '<option value="none">no score yet</option></select></label>'
+               f'<label>flag <select id="f-flag"><option value="">any</option>{flag_opts}'
+               '<option value="clean">no flag</option></select></label>'
+               + ('<label>&Delta; vs first <select id="f-delta"><option value="">any</option>'
+                  '<option value="up">some run better</option><option value="down">some run worse</option>'
+                  '<option value="same">all equal</option></select></label>' if compare else "")
+               + '<label>id <input id="f-id" type="search" placeholder="substring"></label>'
+               '<span id="shown"></span></div>\n'
+               '<p class="legend">Click a row to see its samples. Chips: score 0-7 per sample; letters: '
+               + "; ".join(f"<b>{FLAGS[f][0]}</b> {f.replace('_', ' ')}" for f in FLAGS) + ".</p>\n")
+    return "".join(out)
+
+
+def _problem_rows(runs, ids, by_id, subsets, compare):
+    """One row per problem: its mean and sample chips per run, the deltas, its flags."""
+    e = html.escape
+    out = []
+    mhead = "".join(f"<th>{e(r['name'])} mean</th><th>samples</th>" if compare else "<th>mean</th><th>samples</th>"
+                    for r in runs)
+    dhead = "".join(f"<th>&Delta; {e(r['name'])}</th>" for r in runs[1:])
+    out.append(f'<table id="problems"><thead><tr><th></th><th>id</th><th>subsets</th>{mhead}{dhead}'
+               "<th>flags</th></tr></thead><tbody>\n")
+    for i, pid in enumerate(ids):
+        p0 = next(d[pid] for d in by_id if pid in d)
+        names = _problem_subsets(p0, subsets)
+        cells, means, flags = [], [], set()
+        for r, d in zip(runs, by_id):
+            pp = r["summary"]["per_problem"].get(pid) if pid in d else None
+            mean = None if pp is None else _num(pp["mean"])
+            means.append(mean)
+            chips = []
+            for k in range(r["n"]):
+                fl = sample_flags(r["gens"].get((pid, k)), r["grades"].get((pid, k)))
+                flags.update(fl)
+                g = r["grades"].get((pid, k))
+                chips.append(_chip(None if g is None or g.get("error") else (g.get("score") or 0), fl))
+            cells.append(f'<td class="num">{_fmt(mean, 2)}</td><td>{"".join(chips) if pid in d else "absent"}</td>')
+        deltas = [None if m is None or means[0] is None else m - means[0] for m in means[1:]]
+        dcells = "".join(f'<td class="num {_dcls(x)}">{"-" if x is None else f"{x:+.2f}"}</td>' for x in deltas)
+        flag_txt = " ".join(sorted(flags))
+        out.append(f'<tr class="prob" data-i="{i}" data-subsets="{e("|".join(names))}" '
+                   f'data-mean="{"" if means[0] is None else means[0]}" data-flags="{flag_txt}" '
+                   f'data-deltas="{",".join("" if x is None else f"{x:.4f}" for x in deltas)}">'
+                   f'<td class="tog">&#9656;</td><td class="pid">{e(str(pid))}</td><td>{e(", ".join(names))}</td>'
+                   f'{"".join(cells)}{dcells}<td class="flags">{e(flag_txt.replace("_", " "))}</td></tr>\n')
+    out.append("</tbody></table>\n")
+    return "".join(out)
 
 
 def _delta(a, b):
@@ -560,7 +586,7 @@ def cli(args):
         raise ValueError("--view and --compare are separate commands: give one of them")
     if args.view:
         if not os.path.isdir(args.view):
-            raise ValueError(f"--view {args.view}: no such folder (pass the --out-dir of an eval.py run)")
+            raise ValueError(f"--view {args.view}: no such folder (pass the --output-dir of an eval.py run)")
         print(f"wrote {render_run(args.view)}", flush=True)
         return 0
     compare(args.compare, args.out_dir)

@@ -1,4 +1,4 @@
-"""Decode throughput: rc_decode's HF engine (static KV cache, fixed-shape steps, CUDA graphs on a GPU,
+"""Decode throughput: engines.py's HF engine (static KV cache, fixed-shape steps, CUDA graphs on a GPU,
 sampling on the device) against transformers' plain `model.generate` (dynamic cache), same run,
 same model, same prompts, sampling with no early stop.
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-import rc_decode as R  # noqa: E402
+import engines as R  # noqa: E402
 
 # ---- CLI
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -117,7 +117,7 @@ import transformers  # noqa: E402
 head = (f"decode benchmark, {datetime.date.today()}, {dev}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, model {args.model if isinstance(args.model, str) else ''} ({args.dtype}), "
         f"prompt {args.prompt_len} tokens, temperature {args.temperature}, top_p {args.top_p}, no early stop; "
-        f"'ours' = rc_decode.HFEngine (impl static{', CUDA graphs' if device.type == 'cuda' else ', eager'})")
+        f"'ours' = engines.HFEngine (impl static{', CUDA graphs' if device.type == 'cuda' else ', eager'})")
 table = ["| engine | batch | new tokens | time s | tokens/s | ms/step | vs generate |",
          "|---|---|---|---|---|---|---|"]
 table += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.1f} | {r[5]:.2f} | {r[6]} |" for r in rows]

@@ -3,11 +3,12 @@ plus group advantages. CUDA tensors run Triton kernels; CPU tensors run the pure
 Each op's file holds its Triton kernels, launchers, autograd.Function, public function and reference.
 """
 
-from kernels.advantages import broadcast_advantages, group_advantages
-from kernels.fused_linear_loss import fused_linear_loss
-from kernels.linear_cross_entropy import linear_cross_entropy
-from kernels.linear_logprob import linear_logprob
-from kernels.linear_policy_loss import linear_policy_loss
+from .advantages import broadcast_advantages, group_advantages
+from .fused_linear_loss import fused_linear_loss
+from .linear_cross_entropy import linear_cross_entropy
+from .linear_logprob import linear_logprob
+from .linear_policy_loss import linear_policy_loss
+from .policy_rules import POLICY_RULES
 
 __all__ = ["linear_logprob", "linear_cross_entropy", "linear_policy_loss", "fused_linear_loss",
-           "group_advantages", "broadcast_advantages"]
+           "group_advantages", "broadcast_advantages", "POLICY_RULES"]

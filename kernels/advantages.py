@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import utils
+from . import utils
 
 
 @triton.jit

@@ -16,8 +16,8 @@ and None pass through). linear_cross_entropy and linear_policy_loss are two such
 
 import torch
 
-from kernels import utils
-from kernels.linear_logprob import (chunk_apply_grads, chunk_dlogits, chunk_stats,
+from . import utils
+from .linear_logprob import (chunk_apply_grads, chunk_dlogits, chunk_stats,
                                     linear_logprob_reference)
 
 

@@ -8,9 +8,9 @@ The chunked Triton / PyTorch machinery is fused_linear_loss.py (6 N H V FLOPs, n
 
 import torch
 
-from kernels import utils
-from kernels.fused_linear_loss import apply_fused_linear_loss
-from kernels.linear_logprob import linear_logprob_reference
+from . import utils
+from .fused_linear_loss import apply_fused_linear_loss
+from .linear_logprob import linear_logprob_reference
 
 
 def linear_cross_entropy(hidden, weight, targets, *, temperature=1.0, ignore_index=-100,

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import utils
+from . import utils
 
 @triton.jit
 def _row_stats_kernel(z_ptr, z_stride, y_ptr, lse_ptr, ez_ptr, logp_ptr, ent_ptr,

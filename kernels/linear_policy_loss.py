@@ -1,9 +1,10 @@
 """Policy-gradient losses through the lm head with the gradients formed in the forward pass (rl.py).
 
 Per token t (w = token_weights, A = advantages, r = exp(logp - old_logp), all (N,)):
-  "truncate" (truncated importance sampling, the recipe's default):
+  pg_t = the rule `ratio_mode` of policy_rules.POLICY_RULES, e.g.
+  "truncate" (truncated importance sampling):
       pg_t = -min(r_t, cap).detach() * A_t * logp_t         d pg/d logp = -min(r, cap) A
-  "ppo" (two-sided clipping with separate epsilons):
+  "ppo" (two-sided clipping with separate epsilons; the released recipe's rule):
       pg_t = -min(r_t A_t, clamp(r_t, 1 - clip_low, 1 + clip_high) A_t)
       d pg/d logp = -r A where the unclipped term is the min, else 0
   k3 KL to a reference policy (only if ref_logp is given and kl_beta > 0), d = ref_logp - logp:
@@ -16,8 +17,9 @@ The chunked Triton / PyTorch machinery is fused_linear_loss.py (6 N H V FLOPs, n
 
 import torch
 
-from kernels import utils
-from kernels.fused_linear_loss import apply_fused_linear_loss, fused_linear_loss_reference
+from . import utils
+from .fused_linear_loss import apply_fused_linear_loss, fused_linear_loss_reference
+from .policy_rules import POLICY_RULES
 
 
 def policy_token_loss(logp, entropy, *, advantages, old_logp, token_weights, ref_logp=None,
@@ -29,13 +31,8 @@ def policy_token_loss(logp, entropy, *, advantages, old_logp, token_weights, ref
     # not overflow exp() and turn a zero gradient into 0 * inf = NaN.
     log_ratio = torch.where(live, logp - old_logp, torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
-    if ratio_mode == "truncate":
-        pg = -torch.clamp(ratio, max=ratio_cap).detach() * advantages * logp
-        clipped = ratio > ratio_cap
-    else:  # "ppo"
-        clamped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-        pg = -torch.minimum(ratio * advantages, clamped * advantages)
-        clipped = ((advantages > 0) & (ratio > 1.0 + clip_high)) | ((advantages < 0) & (ratio < 1.0 - clip_low))
+    rule = POLICY_RULES[ratio_mode]
+    pg, clipped = rule(logp, ratio, advantages, {"ratio_cap": ratio_cap, "clip_low": clip_low, "clip_high": clip_high})
     loss = pg
     stats = {"ratio": ratio, "clipped": (clipped & live).to(torch.float32)}
     if ref_logp is not None and kl_beta > 0:
@@ -49,8 +46,8 @@ def policy_token_loss(logp, entropy, *, advantages, old_logp, token_weights, ref
 
 
 def _check_policy_args(ratio_mode, ratio_cap, clip_low, clip_high, kl_beta, entropy_coef):
-    if ratio_mode not in ("truncate", "ppo"):
-        raise ValueError(f"ratio_mode={ratio_mode!r}: expected 'truncate' or 'ppo'")
+    if ratio_mode not in POLICY_RULES:
+        raise ValueError(f"ratio_mode={ratio_mode!r}: expected one of {sorted(POLICY_RULES)} (kernels/policy_rules.py)")
     for name, val in (("ratio_cap", ratio_cap), ("clip_low", clip_low), ("clip_high", clip_high),
                       ("kl_beta", kl_beta), ("entropy_coef", entropy_coef)):
         if not isinstance(val, (int, float)):

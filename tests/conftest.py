@@ -8,12 +8,19 @@
   Qwen3-4B-Thinking-2507's (always thinks) and Qwen3-4B-Instruct-2507's (never thinks); the tiny
   model's default is the thinking one, as the real base model's. `tiny_instruct_dir`: the tiny model
   with the instruct template.
-- `tiny_model`: that model loaded (fp32, CPU, eval mode) through common.load_model.
+- `tiny_model`: that model loaded (fp32, CPU, eval mode) through common.load_model; `engine`: the HF
+  engine on it (module scope); `one_thread`: one intra-op thread for a module.
+- `server`: a loopback OpenAI-compatible server that misbehaves like real ones (FakeServer).
 """
 
+import http.server
 import importlib.util
+import json
 import os
+import re
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -67,6 +74,92 @@ def tiny_instruct_dir(tmp_path_factory):
 @pytest.fixture()
 def tiny_model(tiny_model_dir):
     return common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # on a shared 2-core machine two intra-op threads fight other processes and run ~10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """The HF engine on the tiny model (fp32, CPU)."""
+    import engines
+
+    return engines.make_engine("hf", tiny_model_dir, device="cpu", dtype=torch.float32)
+
+
+class FakeServer:
+    """POST /v1/chat/completions. A "kind:name" word in the last message picks the behaviour: "ok", "rate" (429 with
+    Retry-After: 1 once), "flaky" (503 twice), "slow" (first reply after 1.5 s), "garbage" (non-JSON
+    once), "shape" (JSON without choices, always), "dead" (500 always), "bad" (400)."""
+
+    def __init__(self):
+        self.attempts, self.times, self.bodies, self.headers = {}, {}, [], []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                m = re.search(r"\b(?:ok|rate|flaky|slow|garbage|shape|dead|bad):\w+", body["messages"][-1]["content"])
+                key = m.group(0) if m else "ok:other"
+                n = outer.attempts[key] = outer.attempts.get(key, 0) + 1
+                outer.times.setdefault(key, []).append(time.monotonic())
+                outer.bodies.append(body)
+                outer.headers.append(dict(self.headers))
+                kind = key.split(":")[0]
+                if kind == "rate" and n == 1:
+                    return self.reply(429, b'{"error": "slow down"}', {"Retry-After": "1"})
+                if (kind == "flaky" and n <= 2) or kind == "dead":
+                    return self.reply(503 if kind == "flaky" else 500, b"upstream error")
+                if kind == "slow" and n == 1:
+                    time.sleep(1.5)
+                if kind == "garbage" and n == 1:
+                    return self.reply(200, b'{"choices": [{"message": ')
+                if kind == "shape":
+                    return self.reply(200, b'{"object": "error"}')
+                if kind == "bad":
+                    return self.reply(400, b'{"error": "bad request"}')
+                msg = {"content": f"answer to {key}"}
+                if body.get("chat_template_kwargs", {}).get("enable_thinking", True):
+                    msg["reasoning_content"] = f"thinking about {key}"
+                out = {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": {"completion_tokens": 7}}
+                if body.get("return_token_ids"):  # vLLM's extension, with logprobs as rl.py asks
+                    out["choices"][0].update(token_ids=[5, 6, 7], logprobs={"content": [{"logprob": -0.5}] * 3})
+                    out["prompt_token_ids"] = [1, 2]
+                return self.reply(200, json.dumps(out).encode())
+
+            def reply(self, code, data, headers=()):
+                self.send_response(code)
+                for k, v in dict(headers).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture()
+def server():
+    s = FakeServer()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
 
 
 # QED_REQUIRE_VLLM=1 (CI's vLLM environment, .ci/vllm-tests): a vLLM test that would skip fails instead, so a broken

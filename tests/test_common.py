@@ -129,3 +129,67 @@ def test_hub_kernels_package_clash_is_named(tmp_path):
     p = subprocess.run([sys.executable, "-c", "import common"], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 1 and "InputError" in p.stderr  # the Python API: a ValueError subclass
+
+
+def test_fill_template_is_brace_safe_and_checks_placeholders():
+    out = common.fill_template(r"Prove: {problem}. Use \frac{a}{b}; answer in {proof}.",
+                               {"problem": "x^{2} {proof}", "proof": "P"}, known=("problem", "proof"), what="t.txt")
+    assert out == r"Prove: x^{2} {proof}. Use \frac{a}{b}; answer in P."  # a field's text is never re-read
+    with pytest.raises(common.InputError, match=r"t.txt has the placeholders \['problem'\] but the code fills "
+                                                r"\['problem', 'proof'\]"):
+        common.fill_template("{problem}", {"problem": "p", "proof": "q"}, known=("problem", "proof"), what="t.txt")
+    with pytest.raises(ValueError, match="fix t.txt"):  # a known placeholder nobody fills
+        common.fill_template("{problem} {proof}", {"problem": "p"}, known=("problem", "proof"), what="t.txt")
+
+
+def test_epoch_rows_is_one_shuffle_per_epoch_and_a_pure_function_of_the_position():
+    rows = common.epoch_rows(7, 3, 0, 21)
+    for e in range(3):
+        assert sorted(rows[7 * e:7 * (e + 1)]) == list(range(7))  # every row once per epoch
+    assert rows[:7] != rows[7:14]  # reshuffled each epoch
+    assert common.epoch_rows(7, 3, 5, 9) == rows[5:14]  # a resume at any position continues the stream
+    assert common.epoch_rows(7, 4, 0, 7) != rows[:7]  # the seed matters
+
+
+def test_parse_with_preset_sets_defaults_and_explicit_flags_win():
+    import argparse
+
+    def parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--preset", default="none")
+        p.add_argument("--lr", type=float, default=1e-6)
+        p.add_argument("--steps", type=int, default=150)
+        return p
+
+    presets = {"tiny": {"lr": 1e-3, "steps": 24}}
+    assert vars(common.parse_with_preset(parser(), ["--preset", "tiny"], presets)) == \
+        {"preset": "tiny", "lr": 1e-3, "steps": 24}
+    assert common.parse_with_preset(parser(), ["--preset", "tiny", "--steps", "5"], presets).steps == 5
+    assert common.parse_with_preset(parser(), [], presets).lr == 1e-6
+
+
+def test_stages_parse_their_presets_without_side_effects(tmp_path, monkeypatch):
+    """No stage builds the tiny model while parsing (it did in rc_decode and eval)."""
+    import eval as ev
+    import rc_decode
+    import rl
+    import sft
+
+    monkeypatch.setattr(common, "make_tiny_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    for parse in (sft.parse_args, rl.get_args, rc_decode.parse_args, ev.parse_args):
+        assert parse(["--preset", "tiny"]).model == common.TINY_MODEL_DIR
+
+
+def test_cli_prints_one_line_and_exits_2_for_bad_input_1_for_non_finite(capsys):
+    def fails(exc):
+        def main():
+            raise exc
+        return main
+
+    for exc, code in ((common.InputError("--data x.jsonl: line 3 is not JSON"), 2),
+                      (common.NonFiniteError("step 4: the gradient norm is nan"), 1)):
+        with pytest.raises(SystemExit) as e:
+            common.cli(fails(exc))
+        assert e.value.code == code and capsys.readouterr().err == f"error: {exc}\n"
+    with pytest.raises(KeyError):  # anything else keeps its traceback
+        common.cli(fails(KeyError("bug")))

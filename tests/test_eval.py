@@ -235,6 +235,43 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
         srv.close()
 
 
+def test_grades_are_keyed_by_content(tiny_model_dir, tmp_path):
+    """Another judge model regrades every sample and regenerates nothing (it was refused before), and an
+    edited rubric regrades exactly that problem's samples: a grade counts for what it graded."""
+    data = tmp_path / "proofs.jsonl"
+    rows = [{"id": f"p{i}", "problem": f"[[p{i}]] Prove that {i} + 0 = {i}.", "rubric": "7 for a proof."}
+            for i in range(2)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    srv = FakeJudge({"p0": ["ok:7", "ok:2"], "p1": ["ok:3", "ok:5", "ok:6"]})
+    try:
+        out = str(tmp_path / "run")
+        argv = ["--model", tiny_model_dir, "--engine", "hf", "--device", "cpu", "--dtype", "float32",
+                "--benchmark", str(data), "--scaffold", "direct", "--n", "1", "--max-tokens", "8", "--allow-no-think",
+                "--out-dir", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
+        assert ev.main(argv + ["--judge-model", "m1"]) == 0
+        gens = common.read_jsonl(f"{out}/generations.jsonl")
+        assert ev.main(argv + ["--judge-model", "m1"]) == 0 and len(srv.requests()) == 2  # nothing to do
+        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert len(srv.requests()) == 4 and {e["body"]["model"] for e in srv.requests()[2:]} == {"m2"}
+        assert common.read_jsonl(f"{out}/generations.jsonl") == gens  # nothing regenerated
+        s = json.load(open(f"{out}/summary.json"))
+        assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 5) / 14)  # m2's grades, not m1's
+        rows[1]["rubric"] = "7 for a complete proof; 0 otherwise."
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]
+        s = json.load(open(f"{out}/summary.json"))
+        assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 6) / 14)
+    finally:
+        srv.close()
+
+
+def test_judge_flags_are_one_vocabulary():
+    a = ev.parse_args(["--judge-prompt", "proofbench", "--judge-model", "m", "--judge-api-key-env", "K"])
+    assert (a.grader, a.judge_model, a.judge_api_key_env) == ("proofbench", "m", "K")
+    assert ev.parse_args(["--grader", "answer"]).grader == "answer"
+
+
 class ScriptedEngine:
     """An rc_decode engine that answers each prompt with the completion scripted for the [[pid]] tag in
     it, in the shape a Qwen3-4B-Thinking-2507 model returns (its prompt ends with "<think>\n": no opening
@@ -269,7 +306,7 @@ def test_answerbench_judged_thinking_2507_completions(tmp_path, monkeypatch):
               "All correct: \\boxed{1}",
         "a1": "2 + 3 is, let me count on my fingers, one, two",  # cut by the budget inside its thinking
         "a2": "maybe 7\n</think>\n\nSo the answer is \\boxed{7}."})
-    monkeypatch.setattr(ev, "make_engine", lambda args, model: engine)
+    monkeypatch.setattr(ev.engine_lib, "from_args", lambda args, model=None: engine)
     srv = FakeJudge({"a0": ["text:Both are 5.\n\\boxed{Correct}"], "a2": ["text:\\boxed{Incorrect}"]})
     try:
         out = str(tmp_path / "run")
@@ -307,3 +344,43 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and err[-1].startswith("error: ") and msg in err[-1], p.stderr[-1500:]
         assert "Traceback" not in p.stderr
+
+
+def test_resume_refuses_another_seed_or_dtype(tiny_model_dir, tmp_path):
+    """A seed-7 bf16 sample must never be averaged into a seed-0 fp32 avg@n: the resume names the flag."""
+    out = str(tmp_path / "run")
+    argv = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "1", "--n", "1",
+            "--max-tokens", "4"]
+    assert ev.main(argv) == 0
+    for flag, value in (("--seed", "7"), ("--dtype", "bfloat16")):
+        with pytest.raises(common.InputError, match=f"different settings \\({flag} "):
+            ev.main(argv + [flag, value])
+    assert ev.main(argv) == 0  # the same command still resumes
+
+
+def test_one_flag_vocabulary_old_spellings_still_parse():
+    import rc_decode
+
+    for new, old in (("--reason-tokens", "--max-tokens"), ("--output-dir", "--out-dir")):
+        a, b = (ev.parse_args([flag, "7", "--benchmark", "x.jsonl"]) for flag in (new, old))
+        assert vars(a) == vars(b)
+    for new, old in (("--reason-tokens", "--reason-budget"), ("--summary-tokens", "--summary-budget"),
+                     ("--verify-tokens", "--verify-budget")):
+        a, b = (rc_decode.parse_args([flag, "7", "--problem", "p"]) for flag in (new, old))
+        assert vars(a) == vars(b) and a.reason_budget + a.summary_budget + a.verify_budget > 0
+
+
+def test_limit_zero_is_refused_not_everything():
+    for bad in ("0", "-2"):
+        with pytest.raises(common.InputError, match=f"--limit {bad}: give N >= 1"):
+            ev.parse_args(["--limit", bad, "--benchmark", "x.jsonl"])
+    assert ev.parse_args(["--limit", "-1", "--benchmark", "x.jsonl"]).limit == -1
+
+
+def test_a_numeric_problem_is_said(tmp_path, capsys):
+    path = tmp_path / "nums.jsonl"
+    path.write_text("".join(json.dumps({"problem": 40 + i, "answer": "1"}) + "\n" for i in range(2)))
+    problems, *_ = ev.load_benchmark(str(path))
+    assert [p["problem"] for p in problems] == ["40", "41"]
+    out = capsys.readouterr().out
+    assert "row 0: the problem is a number (40); check --columns" in out and "row 1:" in out

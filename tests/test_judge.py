@@ -112,6 +112,23 @@ class FakeJudge:
                     self.send(200, b'{"choices": [{"message": {"content": "<score>3</sco')
                 elif kind == "nochoices":
                     self.send(200, {"error": "upstream overloaded"})
+                elif kind == "trickle":  # headers at once, then the body's first S bytes one every 0.25 s
+                    data = b" " * int(arg) + json.dumps(self.completion("<score>5</score>")).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for i in range(int(arg)):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                    self.wfile.write(data[int(arg):])
+                elif kind == "echo500":  # a server that puts the request's Authorization header in its replies
+                    self.send(500, {"error": {"message": f"bad auth header {self.headers.get('Authorization')}"}})
+                elif kind == "echo401":
+                    self.send(401, {"error": {"message": f"key {self.headers.get('Authorization')} refused"}})
+                elif kind == "echo200":
+                    self.send(200, self.completion(f"You sent {self.headers.get('Authorization')}. <score>5</score>"))
                 else:
                     raise AssertionError(action)
 
@@ -541,3 +558,110 @@ def test_cli_missing_input_and_unwritable_output_are_one_line(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and p.stderr.startswith("error: ") and msg in p.stderr, p.stderr[-1500:]
         assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# resume by content, total deadlines, redaction (issue 16), and the grader interface (issue 13)
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_cli_resume_is_keyed_by_content(fake, tmp_path):
+    """A rerun on a reordered input with one proof edited regrades exactly that proof (the old row-number
+    resume sent nothing and kept row 0's grade for what had become another proof); another judge model
+    regrades every row."""
+    srv = fake({"p0": ["ok:1"], "p1": ["ok:2", "ok:6"], "p2": ["ok:3"], "p3": ["ok:4"]})
+    rows = [dict(item(f"p{i}"), id=f"id{i}") for i in range(4)]
+    inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+    _write_rows(inp, rows)
+    base = ["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
+    assert judge.main(base + ["--judge-model", "m1"]) == 0
+    assert len(srv.requests()) == 4
+    _write_rows(inp, [rows[2], dict(rows[1], proof=rows[1]["proof"] + " Also by induction."), rows[3], rows[0]])
+    assert judge.main(base + ["--judge-model", "m1"]) == 0
+    assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]  # the edited proof, nothing else
+    got = [(r["row"], r["id"], r["score"]) for r in common.read_jsonl(out)]
+    assert got == [(0, "id2", 3), (1, "id1", 6), (2, "id3", 4), (3, "id0", 1)]
+    assert judge.main(base + ["--judge-model", "m2"]) == 0
+    assert len(srv.requests()) == 9 and {e["body"]["model"] for e in srv.requests()[5:]} == {"m2"}
+    assert not any(r["cached"] for r in common.read_jsonl(out))  # every grade is the new judge's
+    assert json.load(open(out + ".args.json"))["judge_model"] == "m2"
+
+
+def test_deadline_is_total_and_retried(fake):
+    """A server that trickles a byte every 0.25 s: each read is quick, so httpx's per-read timeout never
+    fires; the request's deadline covers all of it, and a timed-out request is retried."""
+    srv = fake({"drip": ["trickle:24"]})  # 6 s of trickle before the body is complete
+    j = Judge(srv.url, "m", **dict(FAST, timeout=1.0, max_retries=1))
+    t0 = time.monotonic()
+    (g,) = j.grade([item("drip")])
+    j.close()
+    assert g.score is None and "timed out after 1s" in g.error and "gave up after 2 attempts" in g.error
+    assert len(srv.requests("drip")) == 2 and time.monotonic() - t0 < 4.5
+
+
+def test_api_key_is_redacted_from_everything_stored_or_printed(fake, tmp_path, capsys, monkeypatch):
+    """A server echoing the Authorization header in error bodies (retried 500, final 401) and in a 200
+    reply: the key reaches no grade, no grades.jsonl line, no cache row and no printed line."""
+    secret = "sk-leak-987654"
+    monkeypatch.setenv("JUDGE_API_KEY", secret)
+    srv = fake({"a": ["echo500"], "b": ["echo200"], "c": ["echo401"]})
+    inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+    _write_rows(inp, [item("a"), item("b"), item("c")])
+    assert judge.main(["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-model", "m",
+                       "--judge-backoff", "0.01", "--judge-max-retries", "1"]) == 1
+    assert {e["auth"] for e in srv.requests()} == {f"Bearer {secret}"}  # it was sent, and echoed
+    rows = common.read_jsonl(out)
+    assert "HTTP 500" in rows[0]["error"] and "[redacted]" in rows[0]["error"]
+    assert rows[1]["score"] == 5 and "[redacted]" in rows[1]["reply"]
+    assert "HTTP 401" in rows[2]["error"] and "[redacted]" in rows[2]["error"]
+    # grades.jsonl, its args.json and the SQLite cache (its WAL file too)
+    stored = "".join(open(os.path.join(tmp_path, f), "rb").read().decode("latin-1") for f in os.listdir(tmp_path))
+    printed = capsys.readouterr()
+    assert secret not in stored + printed.out + printed.err
+    # the Python API too: grades and their messages
+    j = Judge(srv.url, "m", **FAST)
+    grades = j.grade([item("a"), item("b"), item("c")])
+    j.close()
+    assert all(secret not in f"{g.error} {g.reply} {g.note}" for g in grades)
+
+
+class Brevity(judge.Grader):
+    """A toy grader with no server: 7 for an answer of at most 20 characters after </think>, else 0."""
+
+    def score(self, answer, item):
+        return 7 if len(answer) <= 20 else 0
+
+
+def test_graders_by_name_and_a_registered_toy_grader(monkeypatch):
+    monkeypatch.setitem(judge.GRADERS, "brevity", Brevity)
+    g = judge.make_grader("brevity")
+    items = [{"problem": "p", "proof": "t</think>\nShort."}, {"problem": "p", "proof": "t</think>\n" + "long " * 9},
+             {"problem": "p", "proof": "never finished"}]
+    assert [(x.score, x.reward, x.truncated) for x in g.grade(items)] == [(7, 1.0, False), (0, 0.0, False),
+                                                                          (0, 0.0, True)]
+    assert g.key(items[0]) != g.key(items[1]) and g.key(items[0]) == judge.make_grader("brevity").key(dict(items[0]))
+    # a scorer that fails or returns nonsense: that item is ungraded (error), never a 0
+    monkeypatch.setattr(Brevity, "score", lambda self, answer, item: 9)
+    (bad,) = g.grade(items[:1])
+    assert bad.score is None and "not an int 0..7" in bad.error
+    # the registry, and judge prompts as grader names
+    assert isinstance(judge.make_grader("answer"), judge.AnswerGrader)
+    j = judge.make_grader("proofbench", base_url="http://127.0.0.1:9/v1", model="m")
+    assert isinstance(j, judge.Judge) and j.prompt_name == "proofbench"
+    assert judge.required_fields("answer") == ["answer"] and judge.required_fields("imo_proofbench")[0] == "problem"
+    assert judge.required_fields("judge", "answerbench") == ["problem", "answer"]
+    with pytest.raises(ValueError, match="known prompts.*judge.GRADERS"):
+        judge.make_grader("no_such_grader")
+
+
+def test_answer_grader_is_math_verify_behind_the_interface():
+    g = judge.AnswerGrader()  # rl.py's settings: the self-evaluation is kept
+    a, b, c = g.grade([{"proof": "<think>5</think> \\boxed{5}", "answer": "5"},
+                       {"proof": "<think>5</think> \\boxed{4}", "answer": "5"},
+                       {"proof": "<think>\\boxed{5} and then the budget ran out", "answer": "5"}])
+    assert (a.score, a.reward, b.score, c.truncated) == (7, 1.0, 0, True) and "extracted answer: '5'" in a.reply
+    with pytest.raises(ValueError, match="grade item 0: grader AnswerGrader needs a non-empty 'answer'"):
+        g.submit([{"proof": "</think>\\boxed{1}", "answer": ""}])

@@ -210,6 +210,8 @@ def policy_oracle_fn(adv, old, w, ref, cfg):
         r = torch.exp(lp - o)
         if mode == "truncate":
             pg = -torch.clamp(r, max=cap).detach() * a * lp
+        elif mode == "cispo":
+            pg = -torch.clamp(r, 1 - lo, 1 + hi).detach() * a * lp
         else:
             pg = -torch.minimum(r * a, torch.clamp(r, 1 - lo, 1 + hi) * a)
         out = pg - ec * en
@@ -225,6 +227,7 @@ POLICY_CASES = [
     dict(ratio_mode="truncate", ratio_cap=1.1, clip_low=0.2, clip_high=0.2, kl_beta=0.05, entropy_coef=1e-2),
     dict(ratio_mode="ppo", ratio_cap=2.0, clip_low=0.1, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0),
     dict(ratio_mode="ppo", ratio_cap=2.0, clip_low=0.2, clip_high=0.3, kl_beta=0.1, entropy_coef=0.05),
+    dict(ratio_mode="cispo", ratio_cap=2.0, clip_low=0.2, clip_high=0.28, kl_beta=0.0, entropy_coef=0.0),
 ]
 
 
@@ -262,6 +265,8 @@ def check_policy(cfg, n=257, h=32, v=777, dtype=torch.float32, device="cpu"):
     assert rel(stats["ratio"][live], r[live]) < (1e-5 if dtype == torch.float32 else 1e-3)
     if cfg["ratio_mode"] == "truncate":
         clip = r > cfg["ratio_cap"]
+    elif cfg["ratio_mode"] == "cispo":
+        clip = (r > 1 + cfg["clip_high"]) | (r < 1 - cfg["clip_low"])
     else:
         clip = ((adv > 0) & (r > 1 + cfg["clip_high"])) | ((adv < 0) & (r < 1 - cfg["clip_low"]))
     agree = (stats["clipped"][live] == clip[live].float()).float().mean()

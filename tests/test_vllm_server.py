@@ -25,14 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import engines  # noqa: E402
 import rc_decode as R  # noqa: E402
+import policy  # noqa: E402
 import rl  # noqa: E402
 
 # what a generation server for rl.py --engine remote runs (README "The paper's run"; rl.py's docstring):
 # VLLM_SERVER_DEV_MODE=1 opens /collective_rpc and /reset_prefix_cache, the LoRA variable opens
 # /v1/load_lora_adapter; processed_logprobs = log-probs at the request's temperature (what the ratio needs)
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-SERVER_FLAGS = ["--logprobs-mode", "processed_logprobs", "--worker-extension-cls", "rl.VLLMServerSync",
+SERVER_FLAGS = ["--logprobs-mode", "processed_logprobs", "--worker-extension-cls", "engines.VLLMWorker",
                 "--enable-lora", "--max-lora-rank", "8"]
 # CPU-only sizes: the flag reserves CPU memory on this build, and the default 0.92 refuses to start
 TEST_FLAGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.2", "--seed", "0"]
@@ -120,10 +122,10 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
 
 
 def trainer_logprobs(model, c, tokenizer):
-    """The trainer's log-probs (temperature 1) of a completion's tokens, through rl.sequence_logprobs."""
+    """The trainer's log-probs (temperature 1) of a completion's tokens, through policy.sequence_logprobs."""
     seq = {"prompt_ids": c.prompt_token_ids, "completion_ids": c.token_ids, "old_logp": [0.0] * len(c.token_ids),
            "weight": 0.0, "advantage": 0.0}
-    return torch.tensor(rl.sequence_logprobs(model, rl.tap_hidden(model), [seq], 1.0, tokenizer.pad_token_id, 4096)[0])
+    return torch.tensor(policy.sequence_logprobs(model, policy.tap_hidden(model), [seq], 1.0, tokenizer.pad_token_id, 4096)[0])
 
 
 def served_matches(engine, model, tokenizer, old=None):
@@ -143,14 +145,16 @@ def served_matches(engine, model, tokenizer, old=None):
 
 @pytest.mark.vllm
 def test_fs_push_leaves_no_stale_kv(vllm_server, tiny_model_dir, tmp_path):
-    """rl.push_remote (--weight-sync fs) three times with clearly different weights, the long prompt served
-    before each push: afterwards the server's log-probs and greedy tokens are the new weights' (before the
-    prefix-cache reset they were a mix: 0.29-0.37 nats/token off both the old and the new weights)."""
+    """RemoteVLLMEngine.load_weights (rl.py --weight-sync fs) three times with clearly different weights, the
+    long prompt served before each push: afterwards the server's log-probs and greedy tokens are the new
+    weights' (before the prefix-cache reset they were a mix: 0.29-0.37 nats/token off both the old and the
+    new weights)."""
     tokenizer = common.load_tokenizer(tiny_model_dir)
     engine = vllm_server.engine()
     base = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
     args = rl.get_args(["--engine", "remote", "--servers", vllm_server.url, "--weight-sync", "fs", "--output-dir",
                         str(tmp_path)])
+    remote = engines.from_args(args)
     engine.generate([LONG], SAMPLED)  # the start weights' KV blocks of the long prompt are now cached
     try:
         for version in (1, 2, 3):
@@ -160,7 +164,7 @@ def test_fs_push_leaves_no_stale_kv(vllm_server, tiny_model_dir, tmp_path):
                 for p in model.parameters():  # tied embedding / head: one parameter, changed once
                     if p.dim() == 2:  # rounded to bf16: what the server holds
                         p.add_(0.02 * torch.randn_like(p)).copy_(p.to(torch.bfloat16).float())
-            rl.push_remote(args, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, version)
+            remote.load_weights({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}.items(), version)
             diff, got, want, diff_old = served_matches(engine, model, tokenizer, base)
             print(f"push {version}: mean |served - new weights| {diff:.4f}, - start weights {diff_old:.4f} nats/token")
             assert diff < LOGPROB_TOL < diff_old and got == want
@@ -171,7 +175,7 @@ def test_fs_push_leaves_no_stale_kv(vllm_server, tiny_model_dir, tmp_path):
 def restore_start_weights(vllm_server, tiny_model_dir, out):
     args = rl.get_args(["--engine", "remote", "--servers", vllm_server.url, "--weight-sync", "fs", "--output-dir", out])
     sd = common.load_model(tiny_model_dir, dtype=torch.float32).state_dict()
-    rl.push_remote(args, {k: v.to(torch.bfloat16) for k, v in sd.items()}, 0)
+    engines.from_args(args).load_weights({k: v.to(torch.bfloat16) for k, v in sd.items()}.items(), 0)
 
 
 def run_remote(vllm_server, tiny_model_dir, out, monkeypatch, *extra):
@@ -179,27 +183,28 @@ def run_remote(vllm_server, tiny_model_dir, out, monkeypatch, *extra):
     trainer's new weights on the long prompt, which it served just before the push. Returns the metrics."""
     tokenizer = common.load_tokenizer(tiny_model_dir)
     checks = []
-    real_remote, real_adapter = rl.push_remote, rl.push_adapter
+    real_remote, real_adapter = engines.RemoteVLLMEngine.load_weights, engines.push_adapter
     served = [common.load_model(tiny_model_dir, dtype=torch.float32).eval()]  # what the server holds
 
-    def full_push(args, sd, version):
+    def full_push(self, named_tensors, version):
+        sd = {k: v.to(torch.bfloat16) for k, v in named_tensors}  # what the servers get
         engine = vllm_server.engine()
         engine.generate([LONG], SAMPLED)  # cache the old weights' blocks of the long prompt
-        real_remote(args, sd, version)
+        real_remote(self, sd.items(), version)
         model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
         model.load_state_dict({k: v.float().cpu() for k, v in sd.items()})
         checks.append(served_matches(engine, model, tokenizer, served[-1]))
         served.append(model)
 
-    def adapter_push(args, model, engine, version):
+    def adapter_push(model, engine, root, version, resumed=False):
         vllm_server.engine(engine.engines[0].model).generate([LONG], SAMPLED)  # under the previous adapter
-        real_adapter(args, model, engine, version)
+        real_adapter(model, engine, root, version, resumed)
         merged = copy.deepcopy(model).merge_and_unload().float().cpu().eval()
         checks.append(served_matches(vllm_server.engine(engine.engines[0].model), merged, tokenizer, served[-1]))
         served.append(merged)
 
-    monkeypatch.setattr(rl, "push_remote", full_push)
-    monkeypatch.setattr(rl, "push_adapter", adapter_push)
+    monkeypatch.setattr(engines.RemoteVLLMEngine, "load_weights", full_push)
+    monkeypatch.setattr(engines, "push_adapter", adapter_push)
     try:
         rl.main(rl.get_args(["--preset", "tiny", "--model", tiny_model_dir, "--output-dir", out, "--engine", "remote",
                              "--servers", vllm_server.url, *RUN, *extra]))
@@ -261,7 +266,7 @@ class FakeChatServer(http.server.BaseHTTPRequestHandler):
         seq = {"prompt_ids": prompt, "completion_ids": completion, "old_logp": [0.0] * len(completion),
                "weight": 0.0, "advantage": 0.0}
         t = cls.logprob_temperature or body["temperature"]
-        lps = rl.sequence_logprobs(cls.model, rl.tap_hidden(cls.model), [seq], t, cls.tokenizer.pad_token_id, 4096)[0]
+        lps = policy.sequence_logprobs(cls.model, policy.tap_hidden(cls.model), [seq], t, cls.tokenizer.pad_token_id, 4096)[0]
         out = {"choices": [{"message": {"content": "x"}, "finish_reason": "length", "token_ids": completion,
                             "logprobs": {"content": [{"logprob": x} for x in lps]}}], "prompt_token_ids": prompt}
         data = json.dumps(out).encode()
@@ -313,43 +318,14 @@ def test_startup_probe_needs_processed_logprobs(tiny_model_dir, tmp_path, mode):
             assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # stopped before any step
         else:
             args = rl.get_args(argv)
-            engine = rl.SplitEngine([R.make_engine("openai", tiny_model_dir, base_url=f"http://127.0.0.1:"
-                                                   f"{server.server_port}/v1", logprobs=True,
-                                                   extra_body={"return_token_ids": True})])
-            policy = common.load_model(tiny_model_dir, dtype=torch.float32)
-            rl.check_sampler_logprobs(args, engine, policy, rl.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
+            engine = engines.from_args(args)
+            model = common.load_model(tiny_model_dir, dtype=torch.float32)
+            policy.check_sampler_logprobs(args, engine, model, policy.tap_hidden(model), FakeChatServer.tokenizer, 0, 1)
             with torch.no_grad():  # a server with other weights (not the ones the trainer starts from)
                 for p in FakeChatServer.model.parameters():
                     p.add_(0.05 * torch.randn_like(p))
             with pytest.raises(RuntimeError, match="differ from the trainer's.*--logprob-probe-tol"):
-                rl.check_sampler_logprobs(args, engine, policy, rl.tap_hidden(policy), FakeChatServer.tokenizer, 0, 1)
-    finally:
-        server.shutdown()
-
-
-def test_resumed_lora_run_pushes_new_adapter_names_and_folders(tiny_model_dir, tmp_path):
-    """vLLM's prefix-cache keys hold an adapter's name and path, and a server refuses a name it has loaded:
-    a resumed --lora-r run (its servers still up) pushes version 3 again with other weights, so it must use
-    a new name and folder (fake server: the weight sync's endpoints as vLLM answers them)."""
-    from peft import LoraConfig, get_peft_model
-    from test_rl import FakeVLLMServer
-
-    model = get_peft_model(common.load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8,
-                                                                         target_modules="all-linear"))
-    FakeVLLMServer.calls = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLMServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}"
-        for resume in ([], ["--resume"]):
-            args = rl.get_args(["--engine", "remote", "--servers", base, "--lora-r", "4", "--output-dir",
-                                str(tmp_path), *resume])
-            engine = rl.SplitEngine([R.make_engine("openai", "base-model", base_url=base + "/v1")])
-            rl.push_weights(args, model, engine, None, 2.0, 3, 0)
-        first, again = [b for p, b in FakeVLLMServer.calls if p == "/v1/load_lora_adapter"]
-        assert first == {"lora_name": "policy-v3", "lora_path": str(tmp_path / "sync" / "lora_v00003")}
-        assert again["lora_name"].startswith("policy-v3-r") and again["lora_path"].endswith(again["lora_name"][9:])
-        assert again["lora_path"] != first["lora_path"] and os.path.isdir(again["lora_path"])
+                policy.check_sampler_logprobs(args, engine, model, policy.tap_hidden(model), FakeChatServer.tokenizer, 0, 1)
     finally:
         server.shutdown()
 
@@ -430,7 +406,7 @@ def test_gpu_colocated_engine_sleeps_during_train_steps(tiny_model_dir, tmp_path
 @pytest.mark.vllm
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the server on another GPU than the trainer")
 def test_gpu_nccl_weight_broadcast(tiny_model_dir, tmp_path, monkeypatch):
-    """--weight-sync nccl: the trainer (GPU 0) broadcasts every tensor into VLLMServerSync.qed_nccl_recv of a
+    """--weight-sync nccl: the trainer (GPU 0) broadcasts every tensor into VLLMWorker.qed_nccl_recv of a
     server on GPU 1; after each push the server holds the new weights (long prompt, as on the CPU)."""
     server = Server(tiny_model_dir, str(tmp_path / "server.log"), GPU_FLAGS, {"CUDA_VISIBLE_DEVICES": "1"})
     try:
