@@ -7,6 +7,12 @@ digit, in \\boxed{}. Every letter and digit is one token of the Qwen3 tokenizer,
 token of the problem found by what it is (attention to the one digit, then a copy), not a fact to
 memorize: a model that learned the rule solves problems it never saw. The three files hold disjoint
 problems (no problem text in two of them).
+
+The SFT traces are a flawed teacher's, like real distilled traces: in 70% of them (SFT_CORRECT) it
+finds the digit; in the others it answers with the list's first letter ("The first letter is k.",
+\\boxed{k}; graded 0 in the grade columns). SFT imitates both habits, so the warm-up answers about a
+quarter to a half of the held-out problems; RL with the final-answer reward can then do what imitation
+cannot: keep the habit that is rewarded (the quick start's RL-over-SFT margin comes from there).
 - tiny_sft.jsonl   FineProofs-SFT layout (problem, reasoning_content, proof, messages, category,
                    competition, source, gemini-3-pro-grade, qwen3-4b-thinking-reward@128); `problem`
                    and the user turn are the problem in prompts/answerbench.txt, the task prompt rl.py's
@@ -29,16 +35,18 @@ LETTERS = "bcdfghjkmnpqrstvwxyz"  # each " x" is one Qwen3 token (no vowels: no 
 DIGITS = "0123456789"
 MIN_LETTERS, MAX_LETTERS = 4, 7
 SIZES = {"sft": 512, "rl": 256, "eval": 64}
+SFT_CORRECT = 0.7  # the share of SFT traces in which the teacher finds the digit
 RUBRIC = ("7 points: the final answer in \\boxed{} is the digit of the list. "
           "0 points: any other answer or no boxed answer.")
 
 
 def make_problem(rng):
-    """(problem text, thinking, answer digit) of one random problem."""
+    """(problem text, thinking, answer digit, the first letter, the flawed teacher's answer) of one random problem."""
     symbols = rng.sample(LETTERS, rng.randint(MIN_LETTERS, MAX_LETTERS))
     digit = rng.choice(DIGITS)
     symbols.insert(rng.randint(0, len(symbols)), digit)
-    return f"Which digit is in {' '.join(symbols)}?", f"The digit is {digit}.", digit
+    first_letter = next(s for s in symbols if s != digit)
+    return f"Which digit is in {' '.join(symbols)}?", f"The digit is {digit}.", digit, first_letter
 
 
 def task_text(problem):
@@ -63,13 +71,16 @@ def write(name, rows):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def sft_row(problem, thinking, answer):
+def sft_row(problem, thinking, answer, first, correct):
+    """A FineProofs-SFT row; correct=False: the teacher's first-letter habit, graded 0."""
+    if not correct:
+        thinking, answer = f"The first letter is {first}.", first
     proof, problem = f"\\boxed{{{answer}}}", task_text(problem)
     return {"problem": problem, "reasoning_content": thinking, "proof": proof,
             "messages": [{"role": "user", "content": problem},
                          {"role": "assistant", "content": f"<think>\n{thinking}\n</think>\n\n{proof}"}],
             "category": "lookup", "competition": "tiny", "source": "synthetic",
-            "gemini-3-pro-grade": 7, "qwen3-4b-thinking-reward@128": 1.0}
+            "gemini-3-pro-grade": 7 if correct else 0, "qwen3-4b-thinking-reward@128": float(correct)}
 
 
 def main():
@@ -77,13 +88,16 @@ def main():
     ev = distinct_problems(rng, SIZES["eval"], seen)  # drawn first: the held-out set
     rl = distinct_problems(rng, SIZES["rl"], seen)
     sft = distinct_problems(rng, SIZES["sft"], seen)
-    write("tiny_sft.jsonl", [sft_row(*p) for p in sft])
+    # the teacher is right on a fixed share of the rows, in a random order (an own rng: the problems stay)
+    correct = [i < SFT_CORRECT * len(sft) for i in range(len(sft))]
+    random.Random(1).shuffle(correct)
+    write("tiny_sft.jsonl", [sft_row(*p, ok) for p, ok in zip(sft, correct)])
     write("tiny_rl.jsonl", [{"problem": problem, "answer": answer, "source": "synthetic", "rubrics": RUBRIC,
                              "scores": [], "rewards": [], "reward_mean": 0.0, "reward_std": 0.0}
-                            for problem, _, answer in rl])
+                            for problem, _, answer, _ in rl])
     write("tiny_eval.jsonl", [{"Problem ID": f"tiny-{i:03d}", "Problem": problem, "Short Answer": answer,
                                "Category": "Lookup", "Subcategory": "pairs", "Source": "synthetic"}
-                              for i, (problem, _, answer) in enumerate(ev)])
+                              for i, (problem, _, answer, _) in enumerate(ev)])
     print(f"wrote {len(sft)} SFT rows, {len(rl)} RL rows, {len(ev)} eval rows to {HERE}")
 
 
