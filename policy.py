@@ -133,20 +133,24 @@ def microbatch_loss(model, tap, mb, args):
 
 @torch.no_grad()
 def sequence_logprobs(model, tap, seqs, temperature, pad_id, max_tokens):
-    """Per sequence, the list of its completion tokens' log-probs under `model` (sampler or reference)."""
+    """Per sequence ({"prompt_ids", "completion_ids", ...}), the list of its completion tokens' log-probs
+    under `model` (sampler or reference)."""
     from kernels import linear_logprob
 
     device = next(model.parameters()).device
-    for s in seqs:
-        s.setdefault("num_tokens", len(s["prompt_ids"]) + len(s["completion_ids"]))
-    for micro in plan_microbatches(seqs, 1, max_tokens)[0]:
+    # packing records of the ids alone (the loss fields unused here), in the input's order
+    recs = [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"], "i": i, "weight": 0.0,
+             "advantage": 0.0, "old_logp": [0.0] * len(s["completion_ids"]),
+             "num_tokens": len(s["prompt_ids"]) + len(s["completion_ids"])} for i, s in enumerate(seqs)]
+    out = [None] * len(recs)
+    for micro in plan_microbatches(recs, 1, max_tokens)[0]:
         mb = make_microbatch(micro, pad_id, device)
         hidden = completion_hidden(model, tap, mb)
         lp = linear_logprob(hidden, head_weight(model).to(hidden.dtype), mb["targets"],
                             temperature=temperature).float().cpu().tolist()
         for s in micro:
-            s["_lp"], lp = lp[:len(s["completion_ids"])], lp[len(s["completion_ids"]):]
-    return [s.pop("_lp") for s in seqs]
+            out[s["i"]], lp = lp[:len(s["completion_ids"])], lp[len(s["completion_ids"]):]
+    return out
 
 
 def full_state_dict(model):

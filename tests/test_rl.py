@@ -4,6 +4,7 @@ sampling (also through the real HF engine and run_rc), judge outages, resume, a 
 run, and learning: a short SFT warm-up (sft.py) then rl.py raising the mean reward.
 """
 
+import dataclasses
 import http.server
 import json
 import math
@@ -219,13 +220,13 @@ def test_plan_microbatches_balances_ranks_and_pads():
 
 
 def test_drop_stale_and_filter_groups():
-    groups = [{"version": v, "rewards": r} for v, r in
+    groups = [rl.Group(version=v, rewards=r) for v, r in
               [(5, [0, 1, 0]), (3, [1, 1, 1]), (2, [0, 1, 1]), (4, [0.5, 0.5 + 1e-9, 0.5])]]
     fresh, stale = rl.drop_stale(groups, step=5, max_lag=2)
-    assert [g["version"] for g in fresh] == [5, 3, 4] and [g["version"] for g in stale] == [2]
+    assert [g.version for g in fresh] == [5, 3, 4] and [g.version for g in stale] == [2]
     assert rl.drop_stale(groups, step=5, max_lag=0)[0] == [groups[0]]
     kept, flat = rl.filter_groups(fresh, tol=1e-6)
-    assert [g["version"] for g in kept] == [5] and [g["version"] for g in flat] == [3, 4]
+    assert [g.version for g in kept] == [5] and [g.version for g in flat] == [3, 4]
     assert len(rl.filter_groups(fresh, tol=-1)[0]) == 3  # tol < 0 keeps everything
 
 
@@ -246,17 +247,17 @@ def test_flat_groups_are_trained_and_counted():
     """Released: zero-variance groups stay in the step (their advantage is 0 everywhere, so only the
     entropy term acts on them) and are still counted; --drop-flat-groups is the old filter."""
     def batch():
-        groups = [{"version": 0, "failed": False, "rewards": r, "scores": [7 * x for x in r],
-                   "samples": [{"prompt_ids": [1, 2], "completion_ids": [3, 4], "old_logp": [-1.0, -1.0]}] * 2}
+        groups = [rl.Group(version=0, rewards=r, scores=[7 * x for x in r],
+                           samples=[rl.Sample([1, 2], [3, 4], old_logp=[-1.0, -1.0])] * 2)
                   for r in ([0.0, 1.0], [1.0, 1.0], [0.0, 0.0])]
-        return {"groups": groups, "grading": None, "index": 0, "gen_s": 0, "rc_s": 0, "gen_tokens": 0}
+        return rl.Batch(0, 0, groups)
     rewards = SimpleNamespace(finish=lambda grading, stats: None)
     for flags, trained in (([], 3), (["--drop-flat-groups"], 1)):
         args = tiny_args("--samples-per-problem", "2", *flags)
         stats = Counter()
         groups, graded, _ = rl.collect(1, QueueRollouts([batch()]), rewards, args, 3, stats)
         assert len(groups) == trained and len(graded) == 3 and stats["groups_zero_var"] == 2
-    seqs = rl.training_sequences(groups[:0] + batch()["groups"], args, nominal=6, world_size=1)
+    seqs = rl.training_sequences(groups[:0] + batch().groups, args, nominal=6, world_size=1)
     assert [s["advantage"] for s in seqs] == [-0.5, 0.5, 0.0, 0.0, 0.0, 0.0]  # flat groups: zero advantage
 
 
@@ -288,14 +289,14 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
                            snapshot=(model, policy.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
                            rewards=rl.Rewards(kind, problems, args))
     (prompts, sampling), = calls
-    rows = [g["row"] for g in batch["groups"]]
+    rows = [g.row for g in batch.groups]
     assert prompts == [direct_messages(problems[r]["problem"]) for r in rows for _ in range(2)]
     assert prompts[0][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.8, 1.0, 0, 4)
-    s = batch["groups"][0]["samples"][0]
-    lp = policy.sequence_logprobs(model, policy.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
-                              tok.pad_token_id, 4096)[0]
-    assert lp == pytest.approx(s["old_logp"], abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
+    s = batch.groups[0].samples[0]
+    lp = policy.sequence_logprobs(model, policy.tap_hidden(model), [{"prompt_ids": s.prompt_ids, "completion_ids":
+                                  s.completion_ids}], 0.8, tok.pad_token_id, 4096)[0]
+    assert lp == pytest.approx(s.old_logp, abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
@@ -359,7 +360,7 @@ def test_producer_runs_at_most_max_lag_ahead():
         assert b["index"] == 1 + max_lag and b["version"] == 1
         ro.stop()
     # a stale batch (made by version 0, trained at step 3 with max_lag 2) is dropped
-    assert rl.drop_stale([{"version": 0}], step=3, max_lag=2)[0] == []
+    assert rl.drop_stale([rl.Group(version=0)], step=3, max_lag=2)[0] == []
 
     def boom(index, ro):
         raise ValueError("server died")
@@ -400,16 +401,16 @@ def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
     batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=summarizer,
                            snapshot=(model, policy.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
                            rewards=rl.Rewards(kind, problems, args))
-    assert len(batch["groups"]) == 4 and all(g["version"] == 3 for g in batch["groups"])
-    assert any(g["state"] is not None for g in batch["groups"])
-    for g in batch["groups"]:
-        prompt = tokenizer.decode(g["samples"][0]["prompt_ids"])
-        want = tokenizer.apply_chat_template(reasoning_messages(problems[g["row"]]["problem"], g["state"], None),
+    assert len(batch.groups) == 4 and all(g.version == 3 for g in batch.groups)
+    assert any(g.state is not None for g in batch.groups)
+    for g in batch.groups:
+        prompt = tokenizer.decode(g.samples[0].prompt_ids)
+        want = tokenizer.apply_chat_template(reasoning_messages(problems[g.row]["problem"], g.state, None),
                                              tokenize=False, add_generation_prompt=True)
         assert prompt == want and prompt.endswith("<|im_start|>assistant\n<think>\n")
-        assert (NO_SUMMARY in prompt) == (g["state"] is None)
-        assert len(g["rewards"]) == 2
-        assert all(len(s["old_logp"]) == len(s["completion_ids"]) for s in g["samples"])
+        assert (NO_SUMMARY in prompt) == (g.state is None)
+        assert len(g.rewards) == 2
+        assert all(len(s.old_logp) == len(s.completion_ids) for s in g.samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,20 +464,18 @@ def test_judge_outage_counts_and_zeroes_or_skips(tmp_path, policy):
         problems = [{"problem": f"Problem {i}.", "rubric": "7 if right", "answer": None} for i in range(3)]
         rewards = rl.Rewards("judge", problems, args)
         done = "ok\n</think>\n\n"  # a Thinking-2507 completion: its <think> was in the prompt
-        groups = [{"row": 0, "samples": [{"text": done + "\\boxed{5}"}, {"text": done + "\\boxed{4}"}]},
-                  {"row": 1, "samples": [{"text": done + "FAIL"}, {"text": done + "\\boxed{5}"}]},
-                  {"row": 2, "samples": [{"text": done + "BAD"}, {"text": "no think end: truncated"}]}]
-        for g in groups:
-            g["failed"] = False
+        groups = [rl.Group(0, samples=[rl.Sample(text=done + "\\boxed{5}"), rl.Sample(text=done + "\\boxed{4}")]),
+                  rl.Group(1, samples=[rl.Sample(text=done + "FAIL"), rl.Sample(text=done + "\\boxed{5}")]),
+                  rl.Group(2, samples=[rl.Sample(text=done + "BAD"), rl.Sample(text="no think end: truncated")])]
         stats = Counter()
         rewards.finish(rewards.start(groups), stats)
-        assert groups[0]["rewards"] == [1.0, pytest.approx(2 / 7)] and not groups[0]["failed"]
+        assert groups[0].rewards == [1.0, pytest.approx(2 / 7)] and not groups[0].failed
         if policy == "zero":
-            assert groups[1]["rewards"] == [0.0, 1.0] and not groups[1]["failed"]
-            assert groups[2]["rewards"] == [0.0, 0.0] and not groups[2]["failed"]
+            assert groups[1].rewards == [0.0, 1.0] and not groups[1].failed
+            assert groups[2].rewards == [0.0, 0.0] and not groups[2].failed
         else:
-            assert groups[1]["failed"] and "rewards" not in groups[1]  # never scored as if graded
-            assert groups[2]["failed"] and "rewards" not in groups[2]
+            assert groups[1].failed and groups[1].rewards is None  # never scored as if graded
+            assert groups[2].failed and groups[2].rewards is None
         assert stats["judge_failures"] == 2 and stats["judge_regraded"] == 2
         assert FakeJudge.calls["FAIL"] == 4  # (1 try + 1 retry) x (grade + 1 group re-grade)
     finally:
@@ -495,14 +494,14 @@ def test_rl_judge_sees_the_proof_with_its_self_evaluation(tmp_path):
         problems = [{"problem": "Prove P.", "rubric": "7 if right", "answer": None}]
         rewards = rl.Rewards("judge", problems, args)
         proof = "Proof. \\boxed{5}\n\n## Self Evaluation\nI checked every step."
-        group = {"row": 0, "failed": False, "samples": [{"text": "my hidden reasoning\n</think>\n\n" + proof},
-                                                         {"text": "other reasoning</think>\n\nNo."}]}
+        group = rl.Group(0, samples=[rl.Sample(text="my hidden reasoning\n</think>\n\n" + proof),
+                                     rl.Sample(text="other reasoning</think>\n\nNo.")])
         rewards.finish(rewards.start([group]), Counter())
         sent = [b["messages"][-1]["content"] for b in FakeJudge.bodies]
         assert any(proof in t for t in sent) and not any("hidden reasoning" in t for t in sent)
         assert FakeJudge.bodies[0]["temperature"] == 1.0 and FakeJudge.bodies[0]["reasoning_effort"] == "medium"
         assert sent[0].startswith(open(os.path.join(ROOT, "prompts", "judge_rl_proof.txt")).read()[:40])
-        assert group["rewards"][0] == 1.0  # FakeJudge: 7 for a proof with \\boxed{5}
+        assert group.rewards[0] == 1.0  # FakeJudge: 7 for a proof with \\boxed{5}
     finally:
         server.shutdown()
 
@@ -533,18 +532,17 @@ def test_a_grader_registered_in_judge_is_an_rl_reward(tmp_path, monkeypatch):
     problems, kind = rl.load_problems(args)
     assert kind == "brevity" and problems[0]["problem"] == "Say something short."
     rewards = rl.Rewards(kind, problems, args)
-    group = {"row": 0, "failed": False, "samples": [{"text": "t</think>\nShort."}, {"text": "t</think>\n" + "x" * 30},
-                                                     {"text": "no think end: truncated"}]}
+    group = rl.Group(0, samples=[rl.Sample(text="t</think>\nShort."), rl.Sample(text="t</think>\n" + "x" * 30),
+                                 rl.Sample(text="no think end: truncated")])
     grading = rewards.start([group])
-    assert group["rewards"] == [1.0, 0.0, 0.0] and group["scores"] == [7, 0, 0]
+    assert group.rewards == [1.0, 0.0, 0.0] and group.scores == [7, 0, 0]
     stats = Counter()
     rewards.finish(grading, stats)
-    assert group["rewards"] == [1.0, 0.0, 0.0] and stats["judge_failures"] == 0
+    assert group.rewards == [1.0, 0.0, 0.0] and stats["judge_failures"] == 0
     monkeypatch.setattr(Brevity, "score", lambda self, answer, item: 1 / 0)
-    group = dict(group, failed=False)
-    del group["rewards"]
+    group = dataclasses.replace(group, failed=False, rewards=None)
     rewards.finish(rewards.start([group]), stats)
-    assert group["rewards"] == [0.0, 0.0, 0.0] and stats["judge_failures"] == 2  # the truncated one is a 0
+    assert group.rewards == [0.0, 0.0, 0.0] and stats["judge_failures"] == 2  # the truncated one is a 0
 
 
 def test_bad_data_is_named(tmp_path):
