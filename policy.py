@@ -233,13 +233,13 @@ def push_weights(args, model, engine, lora_scale, version, rank):
 # Checkpoints: Hugging Face layout + resume state (optimizer shards as safetensors: no pickles)
 
 
-def save_checkpoint(path, policy, tokenizer, opt, state, args, rank, world_size, resumable=True):
+def save_checkpoint(path, policy, tokenizer, opt, state, args, rank, world_size, resumable=True, extra=None):
     """checkpoint.py's format; the export is in the compute dtype (bf16 on GPUs, what vLLM serves), the
-    resume state keeps the fp32 master weights. state: {"step", "next_batch"}."""
+    resume state keeps the fp32 master weights. state: {"step", "next_batch"}; extra: checkpoint.save's."""
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     checkpoint.save(path, export=lambda folder: export_hf(policy, tokenizer, folder, rank, dtype), model=policy,
                     opt=opt, args=args, state=state, rank=rank, world_size=world_size, resumable=resumable,
-                    keep_last=args.keep_last)
+                    keep_last=args.keep_last, extra=extra)
 
 
 def export_hf(policy, tokenizer, folder, rank, dtype):
