@@ -32,9 +32,10 @@ class NonFiniteError(ArithmeticError):
 
 
 def cli(main, argv=None):
-    """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
-    without a traceback and exits with status 2, a NonFiniteError (the step and the fix) with status 1;
-    anything else propagates with its traceback."""
+    """Run a stage's entry point (each stage ends with `common.cli(lambda: main(parse_args()))`): an
+    InputError (a bad file, row, flag or model) is printed as one line without a traceback and exits with
+    status 2, a NonFiniteError (the step and the fix) with status 1; anything else propagates with its
+    traceback."""
     try:
         return main(argv) if argv is not None else main()
     except InputError as e:

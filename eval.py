@@ -591,8 +591,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     if args.view or args.compare:
         return viewer.cli(args)
     if args.model == common.TINY_MODEL_DIR:
@@ -609,4 +608,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
-    sys.exit(common.cli(main))
+    sys.exit(common.cli(lambda: main(parse_args())))

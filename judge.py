@@ -689,7 +689,7 @@ def grade_file(grader, input_path, output_path, *, progress=True):
     return len(grades), sum(g.error is not None for g in grades)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings, same dest
     # ---- io
@@ -741,8 +741,10 @@ def main(argv=None):
     p.add_argument("--strip-self-eval", action="store_true", help="cut a trailing self-evaluation section (a "
                    "'# Evaluation' / '## Self Evaluation' / '## Final Evaluation' heading to the end) before "
                    "grading, as benchmark grading does (eval.py); off = RL rewards, which keep it")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(args):
     if not os.path.isfile(args.input):
         raise common.InputError(f"--input {args.input}: no such file")
     common.writable_path(args.output, "--output")  # before any request is paid for
@@ -770,4 +772,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
-    sys.exit(common.cli(main))
+    sys.exit(common.cli(lambda: main(parse_args())))

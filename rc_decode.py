@@ -571,8 +571,7 @@ def check_same_run(path, args):
         return
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     if args.problem is not None:
         problems = [("problem", args.problem)]
     else:
@@ -624,4 +623,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # finished traces are already on disk (fsync'd per batch)
-    common.cli(main)
+    common.cli(lambda: main(parse_args()))

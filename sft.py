@@ -504,7 +504,7 @@ def validation_loss(model, val, args, rank, world_size, device, autocast, pad_id
     return all_sum(loss, world_size, device) / total
 
 
-def train(args):
+def main(args):
     """Run SFT with parsed `args`; returns dict(model=the trained CausalLMLoss, history=step records)."""
     rank, _, world_size, device = common.compute_init(args.device)
     check_args(args, world_size)
@@ -628,6 +628,6 @@ def _train(args, rank, world_size, device, stop):
 
 if __name__ == "__main__":
     try:
-        common.cli(lambda: train(parse_args()))
+        common.cli(lambda: main(parse_args()))
     finally:
         common.compute_cleanup()

@@ -444,8 +444,9 @@ def test_cli_strip_self_eval_flag(fake, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(dict(item("a"), proof=THINKING_2507)) + "\n")
     base = ["--input", str(inp), "--base-url", srv.url, "--model", "m", "--backoff", "0.01", "--cache", "none"]
-    assert judge.main(base + ["--output", str(out)]) == 0  # default: the RL reward keeps the self-evaluation
-    assert judge.main(base + ["--output", str(tmp_path / "out2.jsonl"), "--strip-self-eval"]) == 0
+    # default: the RL reward keeps the self-evaluation
+    assert judge.main(judge.parse_args(base + ["--output", str(out)])) == 0
+    assert judge.main(judge.parse_args(base + ["--output", str(tmp_path / "out2.jsonl"), "--strip-self-eval"])) == 0
     first, second = (e["body"]["messages"][0]["content"] for e in srv.requests("a"))
     assert "## Self Evaluation" in first and "Self Evaluation" not in second
     assert "correctness" in first  # the default prompt is rl_proof
@@ -454,7 +455,7 @@ def test_cli_strip_self_eval_flag(fake, tmp_path):
     inp.write_text(json.dumps(dict(item("a"), proof=THINKING_2507)) + "\n"
                    + json.dumps({"problem": "[[b]] p", "proof": "</think>\\boxed{1}"}) + "\n")
     with pytest.raises(ValueError, match=r"in.jsonl: row 1: .*prompt 'answerbench' uses \{answer\}"):
-        judge.main(base + ["--output", str(tmp_path / "out3.jsonl"), "--prompt", "answerbench"])
+        judge.main(judge.parse_args(base + ["--output", str(tmp_path / "out3.jsonl"), "--prompt", "answerbench"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,14 +534,14 @@ def test_cli_resume_is_keyed_by_content(fake, tmp_path):
     inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
     _write_rows(inp, rows)
     base = ["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
-    assert judge.main(base + ["--judge-model", "m1"]) == 0
+    assert judge.main(judge.parse_args(base + ["--judge-model", "m1"])) == 0
     assert len(srv.requests()) == 4
     _write_rows(inp, [rows[2], dict(rows[1], proof=rows[1]["proof"] + " Also by induction."), rows[3], rows[0]])
-    assert judge.main(base + ["--judge-model", "m1"]) == 0
+    assert judge.main(judge.parse_args(base + ["--judge-model", "m1"])) == 0
     assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]  # the edited proof, nothing else
     got = [(r["row"], r["id"], r["score"]) for r in common.read_jsonl(out)]
     assert got == [(0, "id2", 3), (1, "id1", 6), (2, "id3", 4), (3, "id0", 1)]
-    assert judge.main(base + ["--judge-model", "m2"]) == 0
+    assert judge.main(judge.parse_args(base + ["--judge-model", "m2"])) == 0
     assert len(srv.requests()) == 9 and {e["body"]["model"] for e in srv.requests()[5:]} == {"m2"}
     assert not any(r["cached"] for r in common.read_jsonl(out))  # every grade is the new judge's
     assert json.load(open(out + ".args.json"))["judge_model"] == "m2"
@@ -566,8 +567,9 @@ def test_api_key_is_redacted_from_everything_stored_or_printed(fake, tmp_path, c
     srv = fake({"a": ["echo500"], "b": ["echo200"], "c": ["echo401"]})
     inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
     _write_rows(inp, [item("a"), item("b"), item("c")])
-    assert judge.main(["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-model", "m",
-                       "--judge-backoff", "0.01", "--judge-max-retries", "1"]) == 1
+    argv = ["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-model", "m",
+            "--judge-backoff", "0.01", "--judge-max-retries", "1"]
+    assert judge.main(judge.parse_args(argv)) == 1
     assert {e["auth"] for e in srv.requests()} == {f"Bearer {secret}"}  # it was sent, and echoed
     rows = common.read_jsonl(out)
     assert "HTTP 500" in rows[0]["error"] and "[redacted]" in rows[0]["error"]
