@@ -46,6 +46,8 @@ def _last_per_key(rows, keep=lambda r: True):
     """{(id, sample): record}, the last line per key winning (as eval.py reads them)."""
     out = {}
     for r in rows:
+        # a record failing keep() (a generation error) only fills an empty slot: a later retry that
+        # succeeded is never hidden by the error line it superseded, whatever order they were written in
         if keep(r) or (r["id"], r["sample"]) not in out:
             out[(r["id"], r["sample"])] = r
     return out
@@ -170,7 +172,7 @@ class _JudgeInputs:
             why = self.error or self.run["notice"] or f"grader {self.grader!r} unknown"
             return dict(text="", source=f"not shown: the judge's input cannot be rebuilt ({why})")
         item = {f: problem.get(f) for f in ("problem", "rubric", "reference", "answer")}
-        try:
+        try:  # the judge's own request builder: the same proof cut, prompt fill and cache key as when it graded
             job = self.judge._job(0, dict(item, proof=completion))
         except ValueError as e:
             return dict(text="", source=f"not shown: {e}")
@@ -198,9 +200,10 @@ def _turn_view(t):
             "summary_tokens", "summary_finish_reason", "summary_error", "round", "parent", "score", "proof")
     v = {k: t[k] for k in keep if t.get(k) is not None}
     prompt = t.get("prompt")
-    if isinstance(prompt, list) and prompt:
+    if isinstance(prompt, list) and prompt:  # chat messages: the last one is the turn's own prompt
         v["prompt"] = str(prompt[-1].get("content", ""))
     for ver in t.get("verifications") or []:
+        # the verdict and analysis are already fields; of the completion only the thinking is new
         thinking = common.split_thinking(ver.get("completion") or "")[0]
         kept = {k: ver.get(k) for k in ("verdict", "analysis", "tokens", "finish_reason", "error")}
         v.setdefault("verifications", []).append(dict(kept, reasoning=thinking))
@@ -238,6 +241,7 @@ def json_for_script(obj):
 
 
 def _num(x):
+    # summary.json writes NaN for a subset with no graded sample yet: shown as "-", never as 0
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
@@ -250,6 +254,8 @@ def _cell_avg(row):
 
 
 def _chip(sample_score, flags):
+    # the class s0..s7 colours the chip by score (CSS below); the flag letters follow the number, so a
+    # 0 that was a truncation ("0T") reads apart from a 0 the judge gave
     letters = "".join(FLAGS[f][0] for f in flags if f != "missing")
     if "missing" in flags and sample_score is None:
         cls, txt = "chip miss", "-"
@@ -288,6 +294,8 @@ def write_html(path, runs, title):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     out = [_page_head(runs, title, stamp), _score_table(runs, subsets, compare), _filters(runs, subsets, compare),
            _problem_rows(runs, ids, by_id, subsets, compare)]
+    # toggle, id, subsets and flags, a (mean, samples) pair per run, a delta per run after the first:
+    # the expanded row's <td colspan> must span them all
     ncols = 4 + 2 * len(runs) + len(runs) - 1
     meta = dict(runs=[dict(name=r["name"], n=r["n"], title=r["title"], grader=r["grader"],
                            scaffold=r["args"].get("scaffold")) for r in runs], ncols=ncols, compare=compare)
@@ -409,11 +417,13 @@ def _problem_rows(runs, ids, by_id, subsets, compare):
                 fl = sample_flags(r["gens"].get((pid, k)), r["grades"].get((pid, k)))
                 flags.update(fl)
                 g = r["grades"].get((pid, k))
+                # ungraded (error): no score on the chip; a parse failure (score None, no error) counts 0
                 chips.append(_chip(None if g is None or g.get("error") else (g.get("score") or 0), fl))
             cells.append(f'<td class="num">{_fmt(mean, 2)}</td><td>{"".join(chips) if pid in d else "absent"}</td>')
         deltas = [None if m is None or means[0] is None else m - means[0] for m in means[1:]]
         dcells = "".join(f'<td class="num {_dcls(x)}">{"-" if x is None else f"{x:+.2f}"}</td>' for x in deltas)
         flag_txt = " ".join(sorted(flags))
+        # the filters read these data-* attributes, so filtering never parses a problem's JSON block
         out.append(f'<tr class="prob" data-i="{i}" data-subsets="{e("|".join(names))}" '
                    f'data-mean="{"" if means[0] is None else means[0]}" data-flags="{flag_txt}" '
                    f'data-deltas="{",".join("" if x is None else f"{x:.4f}" for x in deltas)}">'
@@ -458,6 +468,7 @@ def refresh(run_dir, problems=None, breakdowns=None, grader=None, announce=False
 
 
 def _benchmark_key(args):
+    # a named benchmark is compared by name; a file by its normalized path, so "./x.jsonl" == "x.jsonl"
     b = args.get("benchmark", "")
     return (b if b in _benchmarks() else os.path.normpath(b), args.get("split", "train"), args.get("config", ""))
 
@@ -495,6 +506,7 @@ def compare(dirs, out_dir=""):
         if c["missing"] or c["ungraded"]:
             print(f"compare: {r['dir']} is incomplete ({c['missing']} missing, {c['ungraded']} ungraded)",
                   file=sys.stderr, flush=True)
+    # a delta means something only on a problem every run has: the other problems stay in each run's table
     common_ids = [p["id"] for p in runs[0]["problems"] if all(p["id"] in r["summary"]["per_problem"] for r in runs)]
     if any(len(r["problems"]) != len(common_ids) for r in runs):
         print(f"compare: the folders hold different problems; per-problem deltas use the {len(common_ids)} "
@@ -565,6 +577,7 @@ def plot_compare(path, result):
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) * len(names) ** 0.5 + 2), 3.6))
     for j, nm in enumerate(names):
+        # run j's bar is offset from the subset's tick so that the group of len(names) bars is centred on it
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
         ys = [(r[nm] or {}).get("avg") for r in rows]
         es = [(r[nm] or {}).get("std") for r in rows]
@@ -724,6 +737,7 @@ function detail(i){
   const td = el('td', 'detail');
   td.colSpan = meta.ncols;
   if (!block){ td.append('this problem\'s data is still loading; collapse and expand again'); return td; }
+  // parsed on the first expand, never at load: a page of 1,200 long traces opens as a table
   const d = JSON.parse(block.textContent);
   const p = d.problem || {};
   if (p.problem) td.append(text(p.problem, 'problem'));
@@ -764,6 +778,7 @@ function scoreOk(v, mean){
          v === 'lt3.5' ? m < 3.5 : m >= 3.5;
 }
 function deltaOk(v, deltas){
+  // deltas are written with 4 decimals: within 1e-9 of zero means the runs' means are equal
   if (!v) return true;
   const ds = deltas.split(',').filter(x => x !== '').map(Number);
   return v === 'up' ? ds.some(x => x > 1e-9) : v === 'down' ? ds.some(x => x < -1e-9) :
