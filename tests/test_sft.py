@@ -341,6 +341,14 @@ def test_impossible_flags_and_a_resume_of_nothing_are_refused(tmp_path):
         sft.main(sft.parse_args(["--preset", "tiny", "--output-dir", str(tmp_path / "empty"), "--resume"]))
 
 
+def test_an_unknown_device_is_refused_not_run_on_the_cpu(capsys):
+    # common.compute_init takes any --device other than auto/cuda as the CPU: a typo must stop at the parser
+    for bad in ("gpu", "cuda:1"):
+        with pytest.raises(SystemExit):
+            sft.parse_args(["--preset", "tiny", "--device", bad])
+        assert "--device" in capsys.readouterr().err
+
+
 def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
     args = sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir])
     model, trainable, dtype = sft.build_model(args, torch.device("cpu"), 1)
