@@ -46,8 +46,7 @@ def _last_per_key(rows, keep=lambda r: True):
     """{(id, sample): record}, the last line per key winning (as eval.py reads them)."""
     out = {}
     for r in rows:
-        # a record failing keep() (a generation error) only fills an empty slot: a later retry that
-        # succeeded is never hidden by the error line it superseded, whatever order they were written in
+        # a record failing keep() (an error) only fills an empty slot: it never hides a retry that succeeded
         if keep(r) or (r["id"], r["sample"]) not in out:
             out[(r["id"], r["sample"])] = r
     return out
@@ -203,7 +202,6 @@ def _turn_view(t):
     if isinstance(prompt, list) and prompt:  # chat messages: the last one is the turn's own prompt
         v["prompt"] = str(prompt[-1].get("content", ""))
     for ver in t.get("verifications") or []:
-        # the verdict and analysis are already fields; of the completion only the thinking is new
         thinking = common.split_thinking(ver.get("completion") or "")[0]
         kept = {k: ver.get(k) for k in ("verdict", "analysis", "tokens", "finish_reason", "error")}
         v.setdefault("verifications", []).append(dict(kept, reasoning=thinking))
@@ -254,8 +252,7 @@ def _cell_avg(row):
 
 
 def _chip(sample_score, flags):
-    # the class s0..s7 colours the chip by score (CSS below); the flag letters follow the number, so a
-    # 0 that was a truncation ("0T") reads apart from a 0 the judge gave
+    # class s0..s7 colours the chip (CSS below); flag letters follow the score: a truncated 0 reads "0T"
     letters = "".join(FLAGS[f][0] for f in flags if f != "missing")
     if "missing" in flags and sample_score is None:
         cls, txt = "chip miss", "-"
@@ -294,8 +291,7 @@ def write_html(path, runs, title):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     out = [_page_head(runs, title, stamp), _score_table(runs, subsets, compare), _filters(runs, subsets, compare),
            _problem_rows(runs, ids, by_id, subsets, compare)]
-    # toggle, id, subsets and flags, a (mean, samples) pair per run, a delta per run after the first:
-    # the expanded row's <td colspan> must span them all
+    # toggle, id, subsets, flags; (mean, samples) per run; a delta per later run: the detail row's colspan
     ncols = 4 + 2 * len(runs) + len(runs) - 1
     meta = dict(runs=[dict(name=r["name"], n=r["n"], title=r["title"], grader=r["grader"],
                            scaffold=r["args"].get("scaffold")) for r in runs], ncols=ncols, compare=compare)
@@ -468,8 +464,7 @@ def refresh(run_dir, problems=None, breakdowns=None, grader=None, announce=False
 
 
 def _benchmark_key(args):
-    # a named benchmark is compared by name; a file by its normalized path, so "./x.jsonl" == "x.jsonl"
-    b = args.get("benchmark", "")
+    b = args.get("benchmark", "")  # a named benchmark by its name, a file by its normalized path
     return (b if b in _benchmarks() else os.path.normpath(b), args.get("split", "train"), args.get("config", ""))
 
 
@@ -577,7 +572,6 @@ def plot_compare(path, result):
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) * len(names) ** 0.5 + 2), 3.6))
     for j, nm in enumerate(names):
-        # run j's bar is offset from the subset's tick so that the group of len(names) bars is centred on it
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))]
         ys = [(r[nm] or {}).get("avg") for r in rows]
         es = [(r[nm] or {}).get("std") for r in rows]
@@ -737,7 +731,6 @@ function detail(i){
   const td = el('td', 'detail');
   td.colSpan = meta.ncols;
   if (!block){ td.append('this problem\'s data is still loading; collapse and expand again'); return td; }
-  // parsed on the first expand, never at load: a page of 1,200 long traces opens as a table
   const d = JSON.parse(block.textContent);
   const p = d.problem || {};
   if (p.problem) td.append(text(p.problem, 'problem'));
@@ -778,7 +771,6 @@ function scoreOk(v, mean){
          v === 'lt3.5' ? m < 3.5 : m >= 3.5;
 }
 function deltaOk(v, deltas){
-  // deltas are written with 4 decimals: within 1e-9 of zero means the runs' means are equal
   if (!v) return true;
   const ds = deltas.split(',').filter(x => x !== '').map(Number);
   return v === 'up' ? ds.some(x => x > 1e-9) : v === 'down' ? ds.some(x => x < -1e-9) :
