@@ -32,9 +32,10 @@ class NonFiniteError(ArithmeticError):
 
 
 def cli(main, argv=None):
-    """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
-    without a traceback and exits with status 2, a NonFiniteError (the step and the fix) with status 1;
-    anything else propagates with its traceback."""
+    """Run a stage's entry point (each stage ends with `common.cli(lambda: main(parse_args()))`): an
+    InputError (a bad file, row, flag or model) is printed as one line without a traceback and exits with
+    status 2, a NonFiniteError (the step and the fix) with status 1; anything else propagates with its
+    traceback."""
     try:
         return main(argv) if argv is not None else main()
     except InputError as e:
@@ -179,7 +180,7 @@ def load_tokenizer(name_or_path, *, require_chat_template=True):
     if require_chat_template and not getattr(tok, "chat_template", None):
         raise InputError(f"tokenizer of {name_or_path!r} has no chat template; pass a chat model's "
                          "tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set tokenizer.chat_template")
-    if tok.pad_token is None:
+    if tok.pad_token is None:  # batching needs one; padded positions are masked, so EOS's id serves
         tok.pad_token = tok.eos_token
     return tok
 
@@ -251,6 +252,7 @@ def tiny_qwen3_config(vocab_size=151936):
 
     return Qwen3Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=8192,
+                       # the real tokenizer's ids: 151643 <|endoftext|>, 151645 <|im_end|> (the end of a turn)
                        tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
                        pad_token_id=151643)
 
@@ -379,7 +381,8 @@ def read_jsonl(path):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            if i >= len(lines) - 2:  # torn tail from an interrupted write
+            # the last line, or the one before the "" that a final newline leaves: a torn tail from a kill
+            if i >= len(lines) - 2:
                 continue
             raise InputError(f"{path}: line {i + 1} is not valid JSON; fix or delete that line")
     return out
@@ -420,9 +423,11 @@ def fill_template(template, fields, *, known, what):
     return pattern.sub(lambda m: fields[m.group(1)], template)
 
 
+# cached: epoch_rows asks once per row, and a batch may straddle two epochs
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n, seed, epoch):
     order = list(range(n))
+    # one RNG per (seed, epoch): the order of epoch e never depends on how far earlier epochs were read
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return tuple(order)
 

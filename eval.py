@@ -242,6 +242,7 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
         if isinstance(row[mapping["problem"]], (int, float)):  # graded as text, but said: a column mix-up?
             print(f"{source}: row {i}: the problem is a number ({row[mapping['problem']]!r}); check --columns",
                   flush=True)
+        # every field as text: a numeric answer column (42) is compared and hashed as the string "42"
         p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
         p["id"] = p.get("id") or f"row-{i}"
         if p["id"] in seen:
@@ -313,6 +314,8 @@ def summarize(problems, grades, n, breakdowns):
     add("all", list(scores))
     for field in breakdowns:
         values = sorted({p.get(field) for p in problems if p.get(field)})
+        # one value would repeat the "all" row; a set (basic / advanced) is shown even alone, since
+        # IMO-ProofBench scores are reported per set
         if len(values) < 2 and field != "set":
             continue
         for v in values:
@@ -342,6 +345,7 @@ def plot_scores(path, summary, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # best problems first; an ungraded problem sorts last (-1) and is drawn as an empty bar
     items = sorted(((v["mean"] if v["mean"] is not None else -1, i, v["scores"])
                     for i, v in summary["per_problem"].items()), reverse=True)
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(items) + 2), 4))
@@ -423,6 +427,7 @@ class GradeLog:
         from tqdm import tqdm
 
         self.path, self.grader, self.name, self.by_id = path, grader, name, by_id
+        # keys graded without an error are never resubmitted; an errored grade is retried on this run
         self.done = {r["key"] for r in common.read_jsonl(path) if r.get("key") and not r.get("error")}
         self.futures = []
         self.bar = tqdm(total=0, desc="grade", position=1, dynamic_ncols=True)
@@ -524,6 +529,8 @@ def evaluate(args):
                 engines["summarizer"] = engine_lib.from_args(args, args.summarizer_model)
             for c0 in range(0, len(todo_gen), args.chunk_size):
                 chunk = todo_gen[c0:c0 + args.chunk_size]
+                # the chunk's seed from its first (sample k, problem i): 1,000,003 exceeds any benchmark's
+                # problem count, so (k, i) -> seed is one-to-one and two chunks never share a seed
                 k0, i0 = chunk[0]
                 traces = run_scaffold(args, engines, [problems[i]["problem"] for _, i in chunk],
                                       args.seed + 1_000_003 * k0 + i0)
@@ -550,6 +557,7 @@ def evaluate(args):
     gens = {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path) if not r.get("error")}
     grades = log.current(gens.values())
     summary = summarize(problems, grades, args.n, breakdowns)
+    # generation errors: the last line of each (id, sample) of this run, so one a rerun fixed is not counted
     summary.update(title=title, grader=grader, source=source, columns=mapping, args=vars(args),
                    generation_errors=sum(1 for r in {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path)
                                                      if r["id"] in by_id and r["sample"] < args.n}.values()
@@ -591,8 +599,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     if args.view or args.compare:
         return viewer.cli(args)
     if args.model == common.TINY_MODEL_DIR:
@@ -609,4 +616,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
-    sys.exit(common.cli(main))
+    sys.exit(common.cli(lambda: main(parse_args())))

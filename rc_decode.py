@@ -93,6 +93,8 @@ def opened_thinking(c, tokenizer=None):
     if c.text.lstrip().startswith("<think>"):
         return True
     if tokenizer is not None and c.prompt_token_ids:
+        # the generation prompt's tail ("<think>" and a newline) lies in the prompt's last few tokens:
+        # decoding four reads it without decoding a prompt of thousands
         return tokenizer.decode(c.prompt_token_ids[-4:]).rstrip().endswith("<think>")
     return False
 
@@ -156,6 +158,7 @@ def parse_verdict(text):
 
 
 def _items(problems, samples):
+    # [(problem index, sample index)] problem-major: every scaffold batches all of them in one engine call
     if isinstance(problems, str):
         raise ValueError("problems must be a list of strings, not one string")
     for i, p in enumerate(problems):
@@ -184,6 +187,7 @@ def _bar(progress, total, desc):
 
 
 def _finish(trace, turn):
+    # total_tokens counts every generated token of the trace (reasoning and summaries): the decoding cost
     trace.update(final_answer=turn["answer"], final_completion=turn["completion"], truncated=turn["truncated"])
     trace["total_tokens"] = sum(t["tokens"] + (t.get("summary_tokens") or 0) for t in trace["turns"])
     return trace
@@ -220,6 +224,8 @@ def run_rc(problems, reasoner, *, summarizer=None, turns=3, reason_sampling=None
     summary = [None] * len(items)  # the summary each (problem, sample) carries into its next turn
     active = list(range(len(items)))
     bar = _bar(progress, len(items) * (2 * turns - (0 if final_summary else 1)), "rc")
+    # engines seed request i with seed + i; call c of the scaffold (reasoning of turn t: c = 2t, its summary:
+    # 2t + 1) shifts the seed by c * 100,003, so no two calls of a batch under 100,003 sequences share a seed
     for t in range(turns):
         msgs = [reasoning_messages(problems[items[k][0]], summary[k], task_prompt) for k in active]
         comps = reasoner.generate(msgs, _reseed(reason_sampling, 2 * t * 100_003), thinking=True,
@@ -314,6 +320,8 @@ def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=
             cand["proof"] = extract_proof(cand["answer"])
             traces[k]["turns"].append(cand)
             new.append((k, cand))
+        # n_verify copies of each untruncated candidate's verification prompt in one call (seeds differ per
+        # request); a truncated candidate is scored 0 unverified, and its share of the bar is ticked now
         vjobs = [(cand, verify_messages(problems[items[k][0]], cand["proof"])) for k, cand in new
                  if not cand["truncated"]] * n_verify
         bar.update(len(new) * n_verify - len(vjobs))
@@ -341,6 +349,7 @@ def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=
             if cands[ranked(k)[0]]["score"] >= 1.0:
                 continue  # a proof every verification accepted: done
             for j in ranked(k)[:n_proofs]:
+                # the harshest reviews say what to fix; the pool keeps growing, only the best n_proofs refine
                 crit = sorted(cands[j]["verifications"], key=lambda v: v["verdict"] or 0.0)[:n_critiques]
                 reviews = [v["analysis"] or v["completion"] for v in crit]
                 jobs.append((k, refine_messages(problems[pi], cands[j]["proof"], reviews), j))
@@ -571,8 +580,7 @@ def check_same_run(path, args):
         return
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     if args.problem is not None:
         problems = [("problem", args.problem)]
     else:
@@ -624,4 +632,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # finished traces are already on disk (fsync'd per batch)
-    common.cli(main)
+    common.cli(lambda: main(parse_args()))

@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="sdpa | eager | flash_attention_2 (varlen: the fast way to pack long rows on GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each decoder layer in the backward pass (needed for 45k-token rows)")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto = cuda when torch sees a GPU, else cpu")
     # ---- data
     p.add_argument("--data", default="lm-provers/FineProofs-SFT", help="hub id or local .jsonl/.json/.parquet")
     p.add_argument("--data-config", default="default", help="hub dataset config ('default' = 4.3k unique problems)")
@@ -504,7 +505,7 @@ def validation_loss(model, val, args, rank, world_size, device, autocast, pad_id
     return all_sum(loss, world_size, device) / total
 
 
-def train(args):
+def main(args):
     """Run SFT with parsed `args`; returns dict(model=the trained CausalLMLoss, history=step records)."""
     rank, _, world_size, device = common.compute_init(args.device)
     check_args(args, world_size)
@@ -628,6 +629,6 @@ def _train(args, rank, world_size, device, stop):
 
 if __name__ == "__main__":
     try:
-        common.cli(lambda: train(parse_args()))
+        common.cli(lambda: main(parse_args()))
     finally:
         common.compute_cleanup()

@@ -71,8 +71,8 @@ def test_columns_and_errors(tmp_path):
     with pytest.raises(ValueError, match="--grader 'no_such_judge'.*known prompts"):
         ev.load_benchmark(ev.TINY_DATA, grader="no_such_judge")
     with pytest.raises(ValueError, match="--task-prompt 'nope'.*not found"):  # before any model is loaded
-        ev.main(["--benchmark", ev.TINY_DATA, "--grader", "answer", "--task-prompt", "nope", "--model", "no-model",
-                 "--out-dir", str(tmp_path / "x")])
+        ev.main(ev.parse_args(["--benchmark", ev.TINY_DATA, "--grader", "answer", "--task-prompt", "nope",
+                               "--model", "no-model", "--out-dir", str(tmp_path / "x")]))
     # answer grading of one completion: the last \boxed{} after </think>
     assert ev.answer_grade("<think>5</think> so \\boxed{5}", "5", False)["score"] == 7
     assert ev.answer_grade("<think>5</think> so \\boxed{6}", "5", False)["score"] == 0
@@ -163,7 +163,7 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     base = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "3", "--max-tokens", "8",
             "--chunk-size", "2"]
     argv = base + ["--n", "1"]
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     for f in ("generations.jsonl", "grades.jsonl", "summary.json", "report.md", "scores.png", "args.json"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     gens, grades = common.read_jsonl(f"{out}/generations.jsonl"), common.read_jsonl(f"{out}/grades.jsonl")
@@ -187,16 +187,16 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     assert "avg@1 (std)" in capsys.readouterr().out
 
     # rerun: nothing regenerated or regraded; a larger --n adds exactly the new samples
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     assert _lines(f"{out}/generations.jsonl") == 3 and _lines(f"{out}/grades.jsonl") == 3
     gens1 = common.read_jsonl(f"{out}/generations.jsonl")
-    assert ev.main(base + ["--n", "2"]) == 0
+    assert ev.main(ev.parse_args(base + ["--n", "2"])) == 0
     gens = common.read_jsonl(f"{out}/generations.jsonl")
     assert len(gens) == 6 and gens[:3] == gens1
     assert sorted({r["sample"] for r in gens[3:]}) == [1] and _lines(f"{out}/grades.jsonl") == 6
     # a different setting into the same folder is refused, naming the flag
     with pytest.raises(ValueError, match="--temperature 0.8"):
-        ev.main(argv + ["--temperature", "1.0"])
+        ev.main(ev.parse_args(argv + ["--temperature", "1.0"]))
 
 
 def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
@@ -212,7 +212,7 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
                 "--benchmark", str(data), "--scaffold", "direct", "--n", "2", "--max-tokens", "8",
                 "--allow-no-think", "--out-dir", out, "--judge-base-url", srv.url, "--judge-model", "fake",
                 "--judge-max-retries", "1", "--judge-concurrency", "2", "--judge-backoff", "0.01"]
-        assert ev.main(argv) == 1  # incomplete: p2's grades failed
+        assert ev.main(ev.parse_args(argv)) == 1  # incomplete: p2's grades failed
         s = json.load(open(f"{out}/summary.json"))
         assert s["counts"]["ungraded"] == 2 and s["grader"] == "marking_scheme"
         assert s["table"][0]["runs"] == pytest.approx([100 * 10 / 14] * 2)  # p0=7, p1=3; p2 left out
@@ -223,7 +223,7 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
         n_before, gens_before = len(srv.requests()), common.read_jsonl(f"{out}/generations.jsonl")
 
         srv.script["p2"] = ["ok:0"]  # the judge is back
-        assert ev.main(argv) == 0
+        assert ev.main(ev.parse_args(argv)) == 0
         assert common.read_jsonl(f"{out}/generations.jsonl") == gens_before  # nothing regenerated
         assert [e["pid"] for e in srv.requests()[n_before:]] == ["p2", "p2"]  # only the ungraded ones
         assert _lines(f"{out}/grades.jsonl") == 6 + 2  # and only they got a new grade line
@@ -248,17 +248,17 @@ def test_grades_are_keyed_by_content(tiny_model_dir, tmp_path):
         argv = ["--model", tiny_model_dir, "--engine", "hf", "--device", "cpu", "--dtype", "float32",
                 "--benchmark", str(data), "--scaffold", "direct", "--n", "1", "--max-tokens", "8", "--allow-no-think",
                 "--out-dir", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
-        assert ev.main(argv + ["--judge-model", "m1"]) == 0
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m1"])) == 0
         gens = common.read_jsonl(f"{out}/generations.jsonl")
-        assert ev.main(argv + ["--judge-model", "m1"]) == 0 and len(srv.requests()) == 2  # nothing to do
-        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m1"])) == 0 and len(srv.requests()) == 2  # nothing to do
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m2"])) == 0
         assert len(srv.requests()) == 4 and {e["body"]["model"] for e in srv.requests()[2:]} == {"m2"}
         assert common.read_jsonl(f"{out}/generations.jsonl") == gens  # nothing regenerated
         s = json.load(open(f"{out}/summary.json"))
         assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 5) / 14)  # m2's grades, not m1's
         rows[1]["rubric"] = "7 for a complete proof; 0 otherwise."
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m2"])) == 0
         assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]
         s = json.load(open(f"{out}/summary.json"))
         assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 6) / 14)
@@ -310,9 +310,9 @@ def test_answerbench_judged_thinking_2507_completions(tmp_path, monkeypatch):
     srv = FakeJudge({"a0": ["text:Both are 5.\n\\boxed{Correct}"], "a2": ["text:\\boxed{Incorrect}"]})
     try:
         out = str(tmp_path / "run")
-        assert ev.main(["--model", "scripted", "--benchmark", str(data), "--scaffold", "direct", "--n", "1",
-                        "--out-dir", out, "--judge-base-url", srv.url, "--judge-model", "fake",
-                        "--judge-backoff", "0.01"]) == 0
+        assert ev.main(ev.parse_args(["--model", "scripted", "--benchmark", str(data), "--scaffold", "direct",
+                                      "--n", "1", "--out-dir", out, "--judge-base-url", srv.url,
+                                      "--judge-model", "fake", "--judge-backoff", "0.01"])) == 0
         s = json.load(open(f"{out}/summary.json"))
     finally:
         srv.close()
@@ -351,11 +351,11 @@ def test_resume_refuses_another_seed_or_dtype(tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
     argv = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "1", "--n", "1",
             "--max-tokens", "4"]
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     for flag, value in (("--seed", "7"), ("--dtype", "bfloat16")):
         with pytest.raises(common.InputError, match=f"different settings \\({flag} "):
-            ev.main(argv + [flag, value])
-    assert ev.main(argv) == 0  # the same command still resumes
+            ev.main(ev.parse_args(argv + [flag, value]))
+    assert ev.main(ev.parse_args(argv)) == 0  # the same command still resumes
 
 
 def test_one_flag_vocabulary_old_spellings_still_parse():

@@ -252,18 +252,18 @@ def test_cli_batch_resume(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(R, "run_scaffold", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        R.main(argv)
+        R.main(R.parse_args(argv))
     first = out.read_text()
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["q0", "q1"]
     with open(out, "a") as f:
         f.write('{"id": "q2", "sample_ind')  # a write torn by the kill
     monkeypatch.setattr(R, "run_scaffold", lambda *a: seen.append(list(a[1])) or real(*a))
-    R.main(argv)
+    R.main(R.parse_args(argv))
     assert seen[-1] == ["Compute 2 + 1."]  # only the unfinished problem ran again
     recs = common.read_jsonl(str(out))
     assert [r["id"] for r in recs] == ["q0", "q1", "q2"] and out.read_text().startswith(first)
     assert recs[0]["args"]["reason_budget"] == 6 and recs[0]["scaffold"] == "rc"
-    R.main(argv)  # all done: nothing runs
+    R.main(R.parse_args(argv))  # all done: nothing runs
     assert len(seen) == 3 and "3 done, 0 to run" in capsys.readouterr().out
 
 
@@ -274,12 +274,12 @@ def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch)
     inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
     argv = ["--preset", "tiny", "--input", str(inp), "--output", str(out), "--scaffold", "direct",
             "--reason-budget", "4", "--no-progress"]
-    R.main(argv)
+    R.main(R.parse_args(argv))
     with pytest.raises(common.InputError, match=r"--temperature 0\.8 -> 0\.5"):
-        R.main(argv + ["--temperature", "0.5"])
+        R.main(R.parse_args(argv + ["--temperature", "0.5"]))
     with pytest.raises(common.InputError, match="--model"):
-        R.main(argv + ["--model", str(tmp_path / "other")])
-    R.main(argv + ["--batch-size", "7"])  # a setting that does not change traces: allowed
+        R.main(R.parse_args(argv + ["--model", str(tmp_path / "other")]))
+    R.main(R.parse_args(argv + ["--batch-size", "7"]))  # a setting that does not change traces: allowed
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -291,7 +291,7 @@ def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch)
         else:
             bad = str(ro / "t.jsonl")
         with pytest.raises(common.InputError, match="cannot write there"):
-            R.main(argv[:4] + ["--output", bad] + argv[6:])
+            R.main(R.parse_args(argv[:4] + ["--output", bad] + argv[6:]))
     finally:
         ro.chmod(0o700)
     assert loads == []
@@ -317,18 +317,18 @@ def test_cli_errors_file_then_retry(tmp_path, server):
     inp.write_text(json.dumps({"id": "a", "problem": "ok:a"}) + "\n" + json.dumps({"id": "b", "problem": "dead:b"}) + "\n")
     argv = ["--engine", "openai", "--base-url", server.url, "--model", "m", "--input", str(inp), "--output",
             str(out), "--scaffold", "direct", "--max-retries", "0", "--no-progress"]
-    R.main(argv)
+    R.main(R.parse_args(argv))
     errs = tmp_path / "t.errors.jsonl"
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["a"]
     assert [r["id"] for r in common.read_jsonl(str(errs))] == ["b"]
     inp.write_text(inp.read_text().replace("dead:b", "ok:b"))  # the server heals (here: a new prompt)
-    R.main(argv)
+    R.main(R.parse_args(argv))
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["a", "b"]
 
 
 def test_cli_single_problem_prints(capsys):
-    R.main(["--preset", "tiny", "--turns", "2", "--reason-budget", "6", "--summary-budget", "4",
-            "--show-trace", "--no-progress"])
+    R.main(R.parse_args(["--preset", "tiny", "--turns", "2", "--reason-budget", "6", "--summary-budget", "4",
+                         "--show-trace", "--no-progress"]))
     text = capsys.readouterr().out
     assert "==== turn 2" in text and "==== final proof" in text
     # the tiny model thinks (its template opens <think>) and never closes it in 4 tokens: the failed summary

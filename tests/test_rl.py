@@ -29,6 +29,7 @@ import common  # noqa: E402
 import policy  # noqa: E402
 import rl  # noqa: E402
 import rollouts  # noqa: E402
+from conftest import http_reply  # noqa: E402
 
 
 def tiny_args(*extra):
@@ -440,13 +441,7 @@ class FakeJudge(http.server.BaseHTTPRequestHandler):
         reply = {"choices": [{"message": {"role": "assistant", "content": f"Fine. <score>{score}</score>"}}]}
         self._reply(200, json.dumps(reply).encode(), {"Content-Type": "application/json"})
 
-    def _reply(self, code, data, headers=()):
-        self.send_response(code)
-        for k, v in dict(headers).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    _reply = http_reply
 
     def log_message(self, *a):
         pass
