@@ -174,7 +174,7 @@ def prepare_output_dir(args, rank, world_size, free):
     """The checkpoint to resume from (or None). Refuses to start over a run unless --overwrite, to resume
     a folder without one, one made with other flags (each changed flag named; `free` = the flags a
     resume may change) or by another number of processes, and an older format (which it names)."""
-    out = args.output_dir
+    out = common.writable_path(args.output_dir, "--output-dir", folder=True)  # before any model loads
     args_file = os.path.join(out, "args.json")
     if os.path.exists(args_file) and not (args.resume or args.overwrite):
         raise common.InputError(f"--output-dir {out!r} already holds a run ({args_file}); pass --resume to continue "

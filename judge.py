@@ -660,8 +660,13 @@ def grade_file(grader, input_path, output_path, *, progress=True):
     settings) has no grade without an error in `output_path`, appending each grade as it arrives; at
     the end the output is rewritten in input order, one line per row. Returns (rows graded now, rows
     with an error)."""
-    rows = common.read_jsonl(input_path)
+    rows = common.read_jsonl(input_path, torn_tail_ok=False)
+    if not rows:
+        raise common.InputError(f"--input {input_path} holds no rows; give a JSONL file with one {{\"problem\", "
+                                "\"proof\", ...} object per line")
     for i, r in enumerate(rows):  # every row checked before the first request is paid for
+        if not isinstance(r, dict):
+            raise common.InputError(f"{input_path}: row {i + 1} is a JSON {type(r).__name__}, not an object")
         missing = [k for k in ("problem", "proof") if k not in r]
         if missing:
             raise common.InputError(f"{input_path}: row {i + 1} has no {missing} field(s); each row needs "

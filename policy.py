@@ -346,7 +346,7 @@ def build_policy(args, rank, world_size, device):
     if args.model == common.TINY_MODEL_DIR and rank == 0:
         common.make_tiny_model()
     barrier(world_size)
-    tokenizer = common.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = common.load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
     policy = common.load_model(args.model, dtype=torch.float32, device=device)  # fp32 master weights
     common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or args.model)
     # the KL reference is the start policy: copied before a resume restores the trained weights

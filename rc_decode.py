@@ -485,33 +485,40 @@ def parse_args(argv=None):
 def read_problems(path, problem_key=None, id_key=None):
     """[(id, problem text)] from a JSONL file; a bad line is an error naming the line and the fix."""
     if not os.path.exists(path):
-        raise ValueError(f"--input {path!r} does not exist")
+        raise common.InputError(f"--input {path!r} does not exist")
     out, seen = [], set()
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({e}); fix or delete that line") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {n} is not a JSON object")
-            pk = problem_key or next((k for k in ("problem", "Problem", "question") if k in row), None)
-            if pk not in row:
-                raise ValueError(f"{path}: line {n} has no problem column (keys: {sorted(row)}); pass --problem-key")
-            if not isinstance(row[pk], str) or not row[pk].strip():
-                raise ValueError(f"{path}: line {n}: empty problem text in column {pk!r}")
-            ik = id_key or next((k for k in ("id", "Problem ID", "problem_id") if k in row), None)
-            if id_key and id_key not in row:
-                raise ValueError(f"{path}: line {n} has no id column {id_key!r}")
-            pid = str(row[ik]) if ik else f"line-{n}"
-            if pid in seen:
-                raise ValueError(f"{path}: line {n}: duplicate id {pid!r}; ids must be unique for resume")
-            seen.add(pid)
-            out.append((pid, row[pk]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise common.InputError(f"--input {path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as "
+                                "UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise common.InputError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                    "delete that line") from None
+        if not isinstance(row, dict):
+            raise common.InputError(f"{path}: line {n} is not a JSON object")
+        pk = problem_key or next((k for k in ("problem", "Problem", "question") if k in row), None)
+        if pk not in row:
+            raise common.InputError(f"{path}: line {n} has no problem column (keys: {sorted(row)}); pass --problem-key")
+        if not isinstance(row[pk], str) or not row[pk].strip():
+            raise common.InputError(f"{path}: line {n}: empty problem text in column {pk!r}")
+        ik = id_key or next((k for k in ("id", "Problem ID", "problem_id") if k in row), None)
+        if id_key and id_key not in row:
+            raise common.InputError(f"{path}: line {n} has no id column {id_key!r}")
+        pid = str(row[ik]) if ik else f"line-{n}"
+        if pid in seen:
+            raise common.InputError(f"{path}: line {n}: duplicate id {pid!r}; ids must be unique for resume")
+        seen.add(pid)
+        out.append((pid, row[pk]))
     if not out:
-        raise ValueError(f"{path} holds no problems")
+        raise common.InputError(f"--input {path} holds no problems; give a JSONL file with one "
+                                "{\"problem\": ...} object per line")
     return out
 
 
