@@ -374,8 +374,8 @@ def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-TINY_PRESET = dict(engine="hf", device="cpu", dtype="float32", turns=2, reason_budget=48, summary_budget=24,
-                   verify_budget=24, n_proofs=2, n_verify=2, refine_rounds=1, n_critiques=1, max_batch_size=16)
+TINY_PRESET = dict(engine="hf", device="cpu", dtype="float32", turns=2, reason_tokens=48, summary_tokens=24,
+                   verify_tokens=24, n_proofs=2, n_verify=2, refine_rounds=1, n_critiques=1, max_batch_size=16)
 TINY_PROBLEM = "Compute 2 + 3. Put the final answer in \\boxed{}."
 
 
@@ -412,39 +412,12 @@ def build_parser():
                    help="default: the reasoner summarizes itself (test time); RL used Qwen/Qwen3-4B-Instruct-2507")
     p.add_argument("--summarizer-engine", default=None, choices=["hf", "vllm", "openai"], help="default: --engine")
     p.add_argument("--summarizer-base-url", default=None, help="openai summarizer URL (default: --base-url)")
-    p.add_argument("--summary-thinking", action=argparse.BooleanOptionalAction, default=True,
-                   help="ask the summarizer's chat template for thinking (enable_thinking); the summary is read "
-                        "from what comes back either way (the text after </think> when it thought)")
-    # ---- scaffold and budgets (tokens)
+    # ---- scaffold, budgets (tokens) and sampling: the flags run_scaffold reads, shared with eval.py
     p.add_argument("--scaffold", default="rc", choices=["rc", "direct", "verify-refine"], help="decoding scaffold")
     p.add_argument("--task-prompt", default="direct_proof",
                    help="prompts/<name>.txt that turns a problem into the task (direct_proof; answerbench)")
-    p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--reason-tokens", "--reason-budget", dest="reason_budget", type=int, default=229376,
-                   help="max new tokens per reasoning turn / proof (rc, direct, verify-refine); the released "
-                        "eval's 229,376; clamped per request to what the model's context leaves")
-    p.add_argument("--summary-tokens", "--summary-budget", dest="summary_budget", type=int, default=-1,
-                   help="rc: max new tokens per summary (-1 = --reason-tokens, the released eval; RL's "
-                        "instruct summarizer used 2048)")
-    p.add_argument("--final-summary", action="store_true",
-                   help="rc: also summarize the last turn (only RL's states need it; off in the released eval)")
-    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs per round")
-    p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
-    p.add_argument("--refine-rounds", type=int, default=2, help="verify-refine: refinement rounds (0 = none)")
-    p.add_argument("--n-critiques", type=int, default=2, help="verify-refine: lowest-scored reviews used to refine")
-    p.add_argument("--verify-tokens", "--verify-budget", dest="verify_budget", type=int, default=-1,
-                   help="verify-refine: max new tokens per verification (-1 = --reason-tokens)")
+    add_scaffold_flags(p)
     p.add_argument("--samples", type=int, default=1, help="independent traces per problem")
-    # ---- sampling
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="reasoner temperature (0 = greedy; the released eval's 0.8; the model card's 0.6)")
-    p.add_argument("--top-p", type=float, default=1.0, help="reasoner nucleus (1 = off; the model card's 0.95)")
-    p.add_argument("--top-k", type=int, default=0, help="reasoner top-k (0 = off)")
-    p.add_argument("--summary-temperature", type=float, default=-1,
-                   help="summarizer temperature (-1 = --temperature: the model summarizes itself, as at eval; "
-                        "RL's instruct summarizer used 0.7)")
-    p.add_argument("--summary-top-p", type=float, default=-1, help="summarizer nucleus (-1 = --top-p; RL: 0.8)")
-    p.add_argument("--summary-top-k", type=int, default=-1, help="summarizer top-k (-1 = --top-k; RL: 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed (-1 = nondeterministic)")
     # ---- input / output
     p.add_argument("--problem", default=None, help="one problem's text (prints the final proof)")
@@ -455,7 +428,6 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1024,
                    help="sequences (problems x samples) sent to the engine at once; traces are written after each")
     p.add_argument("--show-trace", action="store_true", help="print every turn, summary and verification")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -468,12 +440,8 @@ def parse_args(argv=None):
         parser.error("give exactly one of --problem TEXT or --input problems.jsonl")
     if args.problem is not None and not args.problem.strip():
         parser.error("--problem is empty")
-    for flag, same in (("summary_budget", "reason_budget"), ("verify_budget", "reason_budget"),
-                       ("summary_temperature", "temperature"), ("summary_top_p", "top_p"), ("summary_top_k", "top_k")):
-        if getattr(args, flag) < 0:  # -1: the same as the reasoning turns
-            setattr(args, flag, getattr(args, same))
-    for flag in ("turns", "reason_budget", "summary_budget", "samples", "batch_size", "n_proofs", "n_verify",
-                 "verify_budget", "max_batch_size", "concurrency"):
+    resolve_scaffold_flags(args)
+    for flag in ("samples", "batch_size", "max_batch_size", "concurrency"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.engine == "auto":
@@ -522,19 +490,95 @@ def read_problems(path, problem_key=None, id_key=None):
     return out
 
 
-def run_scaffold(args, problems, reasoner, summarizer):
-    seed = None if args.seed < 0 else args.seed
-    reason = Sampling(args.reason_budget, args.temperature, args.top_p, args.top_k, seed)
+# ---------------------------------------------------------------------------------------------
+# flags -> scaffold: the one adapter (rc_decode's CLI and eval.py both call run_scaffold), its flags added
+# to both parsers by add_scaffold_flags so that one concept has one flag and one dest in both stages
+
+# New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
+# max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
+DEFAULT_REASON_TOKENS = 229376
+# A flag at -1 takes the value of the flag it names: summaries and verifications sample like the reasoning
+SAME_AS = {"summary_tokens": "reason_tokens", "verify_tokens": "reason_tokens", "summary_temperature": "temperature",
+           "summary_top_p": "top_p", "summary_top_k": "top_k"}
+# The spellings of before (eval.py's and rc_decode.py's), still parsed, hidden from --help: old flag -> dest
+OLD_FLAGS = {"--max-tokens": "reason_tokens", "--reason-budget": "reason_tokens", "--summary-budget": "summary_tokens",
+             "--verify-budget": "verify_tokens", "--rounds": "refine_rounds"}
+# The dests of before: an args dict a run recorded then (eval's args.json, rc_decode's traces) under today's names
+OLD_DESTS = {"max_tokens": "reason_tokens", "reason_budget": "reason_tokens", "summary_budget": "summary_tokens",
+             "verify_budget": "verify_tokens", "rounds": "refine_rounds"}
+
+
+def add_scaffold_flags(p):
+    """Add the flags run_scaffold reads to parser `p` (each stage adds --scaffold, --task-prompt and --seed
+    itself: their defaults and meaning differ). Defaults are the released eval's."""
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="reasoner temperature (0 = greedy; the released eval's 0.8; the model card's 0.6)")
+    p.add_argument("--top-p", type=float, default=1.0, help="reasoner nucleus (1 = off; the model card's 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="reasoner top-k (0 = off)")
+    p.add_argument("--reason-tokens", type=int, default=DEFAULT_REASON_TOKENS,
+                   help="max new tokens per call: a direct proof, each rc reasoning turn, each verify-refine "
+                        "proof/refinement (-1 = 229376, the released eval's budget for every call); a cap, "
+                        "clamped per request to what the model's context leaves after the prompt")
+    p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
+    p.add_argument("--summary-tokens", type=int, default=-1,
+                   help="rc: max new tokens per summary (-1 = --reason-tokens, the released eval; RL's "
+                        "instruct summarizer used 2048)")
+    p.add_argument("--summary-temperature", type=float, default=-1,
+                   help="rc: summarizer temperature (-1 = --temperature: the model summarizes itself, as at eval; "
+                        "RL's instruct summarizer used 0.7)")
+    p.add_argument("--summary-top-p", type=float, default=-1, help="rc: summarizer nucleus (-1 = --top-p; RL: 0.8)")
+    p.add_argument("--summary-top-k", type=int, default=-1, help="rc: summarizer top-k (-1 = --top-k; RL: 20)")
+    p.add_argument("--summary-thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="rc: ask the summarizer's chat template for thinking (enable_thinking); the summary is read "
+                        "from what comes back either way (the text after </think> when it thought)")
+    p.add_argument("--final-summary", action="store_true",
+                   help="rc: also summarize the last turn (only RL's states need it; off in the released eval)")
+    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs in the pool, and proofs refined "
+                   "per round")
+    p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
+    p.add_argument("--refine-rounds", type=int, default=2, help="verify-refine: refinement rounds (0 = none)")
+    p.add_argument("--n-critiques", type=int, default=2, help="verify-refine: lowest-scored reviews used to refine")
+    p.add_argument("--verify-tokens", type=int, default=-1,
+                   help="verify-refine: max new tokens per verification (-1 = --reason-tokens, as the released agent)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings, same dest
+    for old, dest in OLD_FLAGS.items():
+        p.add_argument(old, dest=dest, type=int, **hidden)
+
+
+def resolve_scaffold_flags(args):
+    """Resolve the -1 sentinels of add_scaffold_flags' flags in place (so the args a run records, and a resume
+    compares, hold the values really used); a count below 1 is an InputError naming the flag."""
+    if args.reason_tokens < 0:
+        args.reason_tokens = DEFAULT_REASON_TOKENS
+    for dest, same in SAME_AS.items():
+        if getattr(args, dest) < 0:
+            setattr(args, dest, getattr(args, same))
+    for dest in ("turns", "reason_tokens", "summary_tokens", "verify_tokens", "n_proofs", "n_verify"):
+        if getattr(args, dest) < 1:
+            raise common.InputError(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
+
+
+def renamed_dests(old):
+    """An args dict recorded before the one flag vocabulary, with OLD_DESTS' keys under today's names."""
+    return {OLD_DESTS.get(k, k): v for k, v in old.items()}
+
+
+def run_scaffold(args, problems, reasoner, summarizer=None, *, seed=None):
+    """Traces for `problems` (a list of texts, one sample each) with the scaffold and the add_scaffold_flags
+    settings in `args`. seed: request i of every call is seeded seed + i (None = unseeded); the summaries and
+    verifications take the same seed, as run_rc and run_verify_refine shift each call's seeds apart. Each
+    stage picks the seed: rc_decode's --seed, eval.py one per chunk (its resume and avg@n need that)."""
+    reason = Sampling(args.reason_tokens, args.temperature, args.top_p, args.top_k, seed)
     progress = not args.no_progress
     if args.scaffold == "rc":
-        summ = Sampling(args.summary_budget, args.summary_temperature, args.summary_top_p, args.summary_top_k,
-                        None if seed is None else seed + 1)
+        summ = Sampling(args.summary_tokens, args.summary_temperature, args.summary_top_p, args.summary_top_k, seed)
         return run_rc(problems, reasoner, summarizer=summarizer, turns=args.turns, reason_sampling=reason,
                       summary_sampling=summ, progress=progress, summary_thinking=args.summary_thinking,
                       final_summary=args.final_summary, task_prompt=args.task_prompt)
     if args.scaffold == "direct":
         return run_direct(problems, reasoner, reason, progress=progress, task_prompt=args.task_prompt)
-    verify = dataclasses.replace(reason, max_tokens=args.verify_budget)
+    verify = dataclasses.replace(reason, max_tokens=args.verify_tokens)
     return run_verify_refine(problems, reasoner, proof_sampling=reason, verify_sampling=verify,
                              n_proofs=args.n_proofs, n_verify=args.n_verify, rounds=args.refine_rounds,
                              n_critiques=args.n_critiques, progress=progress)
@@ -578,6 +622,11 @@ def check_same_run(path, args):
     the first trace in it records the arguments that made it. Raises InputError naming each differing flag."""
     for r in common.read_jsonl(path):
         old = r.get("args") or {}
+        if "reason_budget" in old and old.get("scaffold") == "rc":
+            raise common.InputError(f"--output {path} holds rc traces made before the summaries were seeded as "
+                                    "eval.py seeds them (--seed, no longer --seed + 1); a resume would mix the two "
+                                    "schemes: write to another --output")
+        old = renamed_dests(old)  # --reason-budget and the other old spellings: today's dests
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
                 if k not in RESUME_FREE and old[k] != new.get(k)]
@@ -616,7 +665,8 @@ def main(args):
     results, n_err = [], 0
     for b in range(0, len(todo), args.batch_size):
         chunk = todo[b:b + args.batch_size]
-        traces = run_scaffold(args, [text for _, text, _ in chunk], reasoner, summarizer)
+        traces = run_scaffold(args, [text for _, text, _ in chunk], reasoner, summarizer,
+                              seed=None if args.seed < 0 else args.seed)
         for (pid, _, s), tr in zip(chunk, traces):
             tr.update(id=pid, sample_index=s, problem_index=order[pid])
             if args.output:

@@ -15,6 +15,7 @@ import pytest
 import common
 import eval as ev
 from test_judge import FakeJudge
+from test_rc_decode import Scripted
 
 
 def test_avg_at_n_hand_built():
@@ -127,10 +128,10 @@ def test_sampling_defaults_of_the_released_run_scripts(monkeypatch):
     import rc_decode
 
     a = ev.parse_args([])
-    assert (a.temperature, a.top_p, a.top_k, a.max_tokens) == (0.8, 1.0, 0, 229376)
+    assert (a.temperature, a.top_p, a.top_k, a.reason_tokens) == (0.8, 1.0, 0, 229376)
     assert (a.summary_tokens, a.summary_temperature, a.verify_tokens, a.summarizer_model) == (229376, 0.8, 229376, "")
     for scaffold in ("direct", "verify-refine"):
-        assert ev.parse_args(["--scaffold", scaffold]).max_tokens == 229376
+        assert ev.parse_args(["--scaffold", scaffold]).reason_tokens == 229376
     card = ev.parse_args(["--temperature", "0.6", "--top-p", "0.95", "--max-tokens", "1000"])
     assert (card.temperature, card.top_p, card.summary_temperature, card.summary_tokens) == (0.6, 0.95, 0.6, 1000)
     sep = ev.parse_args(["--summarizer-model", "x", "--summary-tokens", "2048", "--summary-temperature", "0.7"])
@@ -138,18 +139,19 @@ def test_sampling_defaults_of_the_released_run_scripts(monkeypatch):
     # what the scaffolds are called with: the summarizer thinks with the turns' sampling, no final summary
     calls = {}
     monkeypatch.setattr(rc_decode, "run_rc", lambda problems, reasoner, **kw: calls.setdefault("rc", kw) and [])
-    monkeypatch.setattr(rc_decode, "run_direct", lambda problems, engine, s, **kw: calls.setdefault("direct", (s, kw)))
+    monkeypatch.setattr(rc_decode, "run_direct",
+                        lambda problems, engine, s, progress=True, **kw: calls.setdefault("direct", (s, kw)))
     monkeypatch.setattr(rc_decode, "run_verify_refine", lambda problems, engine, **kw: calls.setdefault("vr", kw))
     a.task_prompt = "answerbench"
-    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc_decode.run_scaffold(a, ["p"], None, seed=11)
     rc = calls["rc"]
     assert rc["reason_sampling"] == rc_decode.Sampling(229376, 0.8, 1.0, 0, 11) == rc["summary_sampling"]
     assert rc["final_summary"] is False and rc["summary_thinking"] is True and rc["task_prompt"] == "answerbench"
     a.scaffold = "direct"
-    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc_decode.run_scaffold(a, ["p"], None, seed=11)
     assert calls["direct"] == (rc_decode.Sampling(229376, 0.8, 1.0, 0, 11), {"task_prompt": "answerbench"})
     a.scaffold = "verify-refine"
-    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc_decode.run_scaffold(a, ["p"], None, seed=11)
     assert calls["vr"]["proof_sampling"] == calls["vr"]["verify_sampling"] == rc_decode.Sampling(229376, 0.8, 1.0, 0, 11)
     assert (calls["vr"]["n_proofs"], calls["vr"]["n_verify"], calls["vr"]["rounds"]) == (4, 4, 2)
 
@@ -183,7 +185,7 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     mean = 100 * sum(g["score"] for g in grades) / 7 / len(grades)
     assert summary["table"][0]["avg"] == pytest.approx(mean) and summary["counts"]["graded"] == 3
     assert summary["counts"]["truncated"] == 3 and all(g["truncated"] and g["score"] == 0 for g in grades)
-    assert json.load(open(f"{out}/args.json"))["max_tokens"] == 8
+    assert json.load(open(f"{out}/args.json"))["reason_tokens"] == 8
     assert "avg@1 (std)" in capsys.readouterr().out
 
     # rerun: nothing regenerated or regraded; a larger --n adds exactly the new samples
@@ -367,7 +369,68 @@ def test_one_flag_vocabulary_old_spellings_still_parse():
     for new, old in (("--reason-tokens", "--reason-budget"), ("--summary-tokens", "--summary-budget"),
                      ("--verify-tokens", "--verify-budget")):
         a, b = (rc_decode.parse_args([flag, "7", "--problem", "p"]) for flag in (new, old))
-        assert vars(a) == vars(b) and a.reason_budget + a.summary_budget + a.verify_budget > 0
+        assert vars(a) == vars(b) and a.reason_tokens + a.summary_tokens + a.verify_tokens > 0
+
+
+SHARED = ["--turns", "2", "--reason-tokens", "8", "--summary-tokens", "4", "--verify-tokens", "5", "--temperature",
+          "0.7", "--top-p", "0.9", "--top-k", "3", "--seed", "5", "--n-proofs", "2", "--n-verify", "2",
+          "--refine-rounds", "1", "--task-prompt", "answerbench", "--model", "m", "--no-progress"]
+
+
+def _eval_argv(out, *extra):
+    return ["--benchmark", ev.TINY_DATA, "--grader", "answer", "--limit", "1", "--n", "1", "--output-dir", out,
+            *SHARED, *extra]
+
+
+@pytest.mark.parametrize("scaffold", ["rc", "direct", "verify-refine"])
+def test_eval_and_rc_decode_build_the_same_scaffold_calls(scaffold, tmp_path, monkeypatch):
+    """One flags-to-scaffold adapter: eval.py and rc_decode.py, given one problem and the same flags, send the
+    engine the same calls (messages, Sampling with its seed, thinking) in the same order."""
+    import rc_decode
+
+    problem = ev.load_benchmark(ev.TINY_DATA, grader="answer", limit=1)[0][0]["problem"]
+    by_stage = {}
+    for stage in ("eval", "rc_decode"):
+        fake = Scripted()
+        monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, _f=fake, **k: _f)
+        if stage == "eval":
+            assert ev.main(ev.parse_args(_eval_argv(str(tmp_path / "ev"), "--scaffold", scaffold))) == 0
+        else:
+            rc_decode.main(rc_decode.parse_args(["--problem", problem, "--scaffold", scaffold, *SHARED]))
+        by_stage[stage] = fake.calls
+    assert by_stage["eval"] == by_stage["rc_decode"] and len(by_stage["eval"]) == {"rc": 3, "direct": 1}.get(scaffold, 4)
+    seeds = [s.seed for _, s, _ in by_stage["eval"]]
+    assert seeds[0] == 5 and len(set(seeds)) == len(seeds)  # --seed, shifted per call of the scaffold
+
+
+def test_an_eval_folder_from_before_the_one_vocabulary_resumes(tmp_path, monkeypatch):
+    """An args.json written before eval.py shared rc_decode's flags (max_tokens, rounds; no summary top-p/top-k,
+    thinking, final summary or critiques: fixed then to today's defaults) resumes without regenerating, and a
+    changed setting is still refused by today's flag name."""
+    import rc_decode
+
+    fake = Scripted()
+    monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, **k: fake)
+    out = str(tmp_path / "old")
+    argv = _eval_argv(out, "--scaffold", "rc")
+    assert ev.main(ev.parse_args(argv)) == 0
+    n_calls = len(fake.calls)
+
+    path = os.path.join(out, "args.json")
+    before = json.load(open(path))  # made into the args.json the code before wrote
+    before["max_tokens"] = before.pop("reason_tokens")
+    before["rounds"] = before.pop("refine_rounds")
+    for k in ("summary_top_p", "summary_top_k", "summary_thinking", "final_summary", "n_critiques", "no_progress"):
+        del before[k]
+    for flag, value, was in (("--reason-tokens", "9", "--reason-tokens 8"), ("--summary-top-p", "0.5",
+                             "--summary-top-p 0.9"), ("--final-summary", None, "--final-summary False"),
+                             ("--refine-rounds", "3", "--refine-rounds 1")):
+        json.dump(before, open(path, "w"))
+        with pytest.raises(common.InputError, match=f"different settings \\({was}\\)"):
+            ev.main(ev.parse_args(argv + [flag] + ([value] if value else [])))
+    json.dump(before, open(path, "w"))
+    assert ev.main(ev.parse_args(argv)) == 0
+    assert len(fake.calls) == n_calls and _lines(os.path.join(out, "generations.jsonl")) == 1
 
 
 def test_limit_zero_is_refused_not_everything():

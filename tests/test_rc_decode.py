@@ -41,6 +41,21 @@ class Recorder:
         return out
 
 
+class Scripted:
+    """A fake engine: records every generate call (messages, Sampling, thinking) and answers each prompt with a
+    closed thinking block, a summary-like text and a \\boxed{0.5} verdict, so every scaffold runs to its end."""
+
+    def __init__(self):
+        self.calls = []
+        self.tokenizer = None
+        self.context_length = None
+
+    def generate(self, prompts, sampling, thinking=True, progress=None):
+        self.calls.append((prompts, sampling, thinking))
+        return [R.Completion("<think>r</think>\n\nS \\boxed{0.5}", None, None, "stop", num_tokens=4)
+                for _ in prompts]
+
+
 def test_bad_inputs(engine, tmp_path):
     with pytest.raises(ValueError, match="problem 1 is empty"):
         R.run_rc(["ok", "  "], engine, progress=False)
@@ -244,11 +259,11 @@ def test_cli_batch_resume(tmp_path, monkeypatch, capsys):
             "--turns", "1", "--reason-budget", "6", "--summary-budget", "4", "--no-progress"]
     real, seen = R.run_scaffold, []
 
-    def crash_on_second(args, problems, reasoner, summarizer):
+    def crash_on_second(args, problems, reasoner, summarizer, **kw):
         seen.append(list(problems))
         if len(seen) == 2:
             raise KeyboardInterrupt  # killed mid-run
-        return real(args, problems, reasoner, summarizer)
+        return real(args, problems, reasoner, summarizer, **kw)
 
     monkeypatch.setattr(R, "run_scaffold", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
@@ -257,12 +272,12 @@ def test_cli_batch_resume(tmp_path, monkeypatch, capsys):
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["q0", "q1"]
     with open(out, "a") as f:
         f.write('{"id": "q2", "sample_ind')  # a write torn by the kill
-    monkeypatch.setattr(R, "run_scaffold", lambda *a: seen.append(list(a[1])) or real(*a))
+    monkeypatch.setattr(R, "run_scaffold", lambda *a, **kw: seen.append(list(a[1])) or real(*a, **kw))
     R.main(R.parse_args(argv))
     assert seen[-1] == ["Compute 2 + 1."]  # only the unfinished problem ran again
     recs = common.read_jsonl(str(out))
     assert [r["id"] for r in recs] == ["q0", "q1", "q2"] and out.read_text().startswith(first)
-    assert recs[0]["args"]["reason_budget"] == 6 and recs[0]["scaffold"] == "rc"
+    assert recs[0]["args"]["reason_tokens"] == 6 and recs[0]["scaffold"] == "rc"
     R.main(R.parse_args(argv))  # all done: nothing runs
     assert len(seen) == 3 and "3 done, 0 to run" in capsys.readouterr().out
 
@@ -295,6 +310,34 @@ def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch)
     finally:
         ro.chmod(0o700)
     assert loads == []
+
+
+def test_cli_output_from_before_the_one_vocabulary(tmp_path, monkeypatch):
+    """Traces recorded with the old dests (reason_budget, summary_budget, verify_budget) resume under today's
+    names; old rc traces are refused, naming the change: their summaries were seeded --seed + 1, today's --seed."""
+    fake = Scripted()
+    monkeypatch.setattr(R.engines, "from_args", lambda *a, **k: fake)
+    inp, out = tmp_path / "p.jsonl", tmp_path / "t.jsonl"
+    for scaffold in ("direct", "rc"):
+        inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
+        argv = ["--model", "m", "--input", str(inp), "--output", str(out), "--scaffold", scaffold,
+                "--reason-budget", "8", "--summary-budget", "4", "--verify-budget", "5", "--no-progress"]
+        out.unlink(missing_ok=True)
+        R.main(R.parse_args(argv))
+        old = {R.OLD_DESTS.get(k, k): k for k in ("reason_budget", "summary_budget", "verify_budget")}
+        recs = common.read_jsonl(str(out))
+        for r in recs:  # the record as the code before wrote it
+            r["args"] = {old.get(k, k): v for k, v in r["args"].items()}
+        out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        inp.write_text(inp.read_text() + json.dumps({"id": "b", "problem": "Compute 2 + 2."}) + "\n")
+        if scaffold == "direct":
+            R.main(R.parse_args(argv))
+            assert [r["id"] for r in common.read_jsonl(str(out))] == ["a", "b"]
+            with pytest.raises(common.InputError, match=r"--reason-tokens 8 -> 9"):
+                R.main(R.parse_args(argv + ["--reason-tokens", "9"]))
+        else:
+            with pytest.raises(common.InputError, match=r"rc traces made before the summaries were seeded"):
+                R.main(R.parse_args(argv))
 
 
 def test_cli_sigterm_exits_143_keeping_finished_traces(tmp_path):
