@@ -665,8 +665,12 @@ def main(args):
     results, n_err = [], 0
     for b in range(0, len(todo), args.batch_size):
         chunk = todo[b:b + args.batch_size]
+        # request seeds follow each job's place in the whole run (problem-major), not in this batch: two
+        # batches never share seeds (a problem's samples in two batches were identical), and a resumed run
+        # seeds the jobs left as the uninterrupted run did
+        first = order[chunk[0][0]] * args.samples + chunk[0][2]
         traces = run_scaffold(args, [text for _, text, _ in chunk], reasoner, summarizer,
-                              seed=None if args.seed < 0 else args.seed)
+                              seed=None if args.seed < 0 else args.seed + first)
         for (pid, _, s), tr in zip(chunk, traces):
             tr.update(id=pid, sample_index=s, problem_index=order[pid])
             if args.output:

@@ -282,6 +282,25 @@ def test_cli_batch_resume(tmp_path, monkeypatch, capsys):
     assert len(seen) == 3 and "3 done, 0 to run" in capsys.readouterr().out
 
 
+def test_cli_samples_in_two_batches_differ_and_a_resume_continues_the_run(tmp_path):
+    """--samples 4 --batch-size 2: the second batch's samples of a problem were seeded like the first's, so
+    they were copies of them; and a resumed run seeded its first batch like the run's first. Now a job's
+    seeds follow its place in the run: four different samples, and a run resumed after two equals the
+    uninterrupted one."""
+    inp = tmp_path / "p.jsonl"
+    inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
+    argv = ["--preset", "tiny", "--input", str(inp), "--scaffold", "direct", "--samples", "4", "--batch-size", "2",
+            "--reason-tokens", "8", "--temperature", "1.0", "--no-progress"]
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    R.main(R.parse_args(argv + ["--output", str(full)]))
+    texts = [r["turns"][0]["reasoning"] + r["final_answer"] for r in common.read_jsonl(str(full))]
+    assert len(set(texts)) == 4, texts
+    part.write_text("".join(full.read_text().splitlines(keepends=True)[:2]))  # killed after the first batch
+    R.main(R.parse_args(argv + ["--output", str(part)]))
+    assert [(r["sample_index"], r["final_answer"], r["turns"][0]["reasoning"]) for r in common.read_jsonl(str(part))] \
+        == [(r["sample_index"], r["final_answer"], r["turns"][0]["reasoning"]) for r in common.read_jsonl(str(full))]
+
+
 def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch):
     """A rerun into an --output made with another model or sampling is refused, naming the flag; an
     unwritable --output fails before any model loads (nothing generated is lost)."""
