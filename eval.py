@@ -92,6 +92,7 @@ def build_parser():
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny = offline CPU run (flags you pass win)")
     # ---- model and engine
     p.add_argument("--model", default="lm-provers/QED-Nano", help="hub id or folder (openai engine: served name)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer hub id or folder, when not --model's own")
     p.add_argument("--engine", default="vllm", choices=engine_lib.kinds(), help="generation engine (engines.py)")
     p.add_argument("--device", default="auto", help="hf engine: auto|cpu|cuda")
     p.add_argument("--dtype", default="bfloat16", help="hf/vllm weights dtype")
@@ -366,7 +367,7 @@ def write_report(out_dir, summary, args, title):
 # What the generations depend on. The grader's settings are not here: each grade is stored under its
 # Grader.key (problem, proof, rubric/reference/answer, judge model, prompt text, ...), so another judge or
 # prompt regrades exactly what it changes and keeps the generations.
-RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "scaffold", "temperature", "top_p",
+RESUME_KEYS = ["model", "tokenizer", "benchmark", "columns", "split", "config", "scaffold", "temperature", "top_p",
                "top_k", "reason_tokens", "turns", "summary_tokens", "summary_temperature", "summary_top_p",
                "summary_top_k", "summary_thinking", "final_summary", "summarizer_model", "n_proofs", "n_verify",
                "refine_rounds", "n_critiques", "verify_tokens", "task_prompt", "seed", "dtype"]

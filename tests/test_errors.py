@@ -88,3 +88,19 @@ def test_sft_flag_messages():
         sft.check_args(sft.parse_args(["--preset", "tiny", "--lr", "inf"]), 1)
     with pytest.raises(common.InputError, match="--global-batch-size 16 must be a multiple"):
         sft.check_args(sft.parse_args(["--preset", "tiny", "--global-batch-size", "16", "--micro-batch-size", "3"]), 1)
+
+
+def test_eval_names_a_tokenizer_flag_it_has(tmp_path, tiny_model_dir):
+    """A model whose vocabulary the tokenizer does not fit: the error says to pass --tokenizer, which eval.py
+    did not have (its parser refused the flag the error named)."""
+    import eval as ev
+    from transformers import AutoModelForCausalLM
+
+    small = str(tmp_path / "small")
+    cfg = common.tiny_qwen3_config(vocab_size=1000)
+    cfg.pad_token_id = 0
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
+    common.load_tokenizer(tiny_model_dir).save_pretrained(small)
+    with pytest.raises(common.InputError, match="vocabulary is 1000.*pass the matching one with --tokenizer"):
+        ev.main(ev.parse_args(["--preset", "tiny", "--model", small, "--output-dir", str(tmp_path / "e")]))
+    assert ev.parse_args(["--preset", "tiny", "--tokenizer", tiny_model_dir]).tokenizer == tiny_model_dir
