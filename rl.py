@@ -193,14 +193,18 @@ def parse_args(argv=None):
                    "our clip is then --grad-clip x divisor on the plain gradient (README, 'gradient clipping')")
     p.add_argument("--max-steps", type=int, default=150, help="trainer steps (one batch of groups each)")
     # ---- reasoning cache (stage 3)
-    p.add_argument("--rc-turns", type=int, default=0, help="0 = plain RL; 3 = RL on RC states (no summary, S1..S3)")
+    # the second spellings are eval.py's and rc_decode.py's names for the same things
+    p.add_argument("--rc-turns", "--turns", type=int, default=0, help="0 = plain RL; 3 = RL on RC states (no "
+                   "summary, S1..S3)")
     p.add_argument("--rc-states-per-problem", type=int, default=2, help="states sampled per problem, a group each")
-    p.add_argument("--rc-summarizer", default="Qwen/Qwen3-4B-Instruct-2507", help="frozen summarizer (loaded with "
-                   "--engine's kind); 'policy' = the policy summarizes itself")
-    p.add_argument("--rc-summarizer-url", default="", help="an OpenAI-compatible server of the summarizer instead")
-    p.add_argument("--rc-summary-tokens", type=int, default=2048, help="summary budget H_S (released: 2048)")
-    p.add_argument("--rc-summary-temperature", type=float, default=0.7, help="summarizer temperature (released: 0.7, "
-                   "with top_p 0.8 and top_k 20)")
+    p.add_argument("--rc-summarizer", "--summarizer-model", default="Qwen/Qwen3-4B-Instruct-2507",
+                   help="frozen summarizer (loaded with --engine's kind); 'policy' = the policy summarizes itself")
+    p.add_argument("--rc-summarizer-url", "--summarizer-base-url", default="",
+                   help="an OpenAI-compatible server of the summarizer instead")
+    p.add_argument("--rc-summary-tokens", "--summary-tokens", type=int, default=2048,
+                   help="summary budget H_S (released: 2048)")
+    p.add_argument("--rc-summary-temperature", "--summary-temperature", type=float, default=0.7,
+                   help="summarizer temperature (released: 0.7, with top_p 0.8 and top_k 20)")
     p.add_argument("--rc-reason-tokens", type=int, default=-1, help="budget of each RC reasoning turn; -1 = "
                    "--reason-tokens")
     # ---- efficiency
