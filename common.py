@@ -176,13 +176,13 @@ def load_tokenizer(name_or_path, *, require_chat_template=True, flag=None):
     from transformers import AutoTokenizer
 
     if isinstance(name_or_path, str) and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
-        where = f"{flag} " if flag else ""
-        raise InputError(f"{where}tokenizer path {name_or_path!r} does not exist; give a model/tokenizer folder or "
+        raise InputError(f"{flag + ' ' if flag else ''}tokenizer path {name_or_path!r} does not exist; give a model/tokenizer folder or "
                          "a hub id")
     tok = _from_hub_or_folder(AutoTokenizer.from_pretrained, name_or_path, flag)
     if require_chat_template and not getattr(tok, "chat_template", None):
-        raise InputError(f"tokenizer of {name_or_path!r} has no chat template; pass a chat model's "
-                         "tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set tokenizer.chat_template")
+        raise InputError(f"{flag + ' ' if flag else ''}tokenizer of {name_or_path!r} has no chat template; pass a chat "
+                         "model's tokenizer with --tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set "
+                         "tokenizer.chat_template")
     if tok.pad_token is None:  # batching needs one; padded positions are masked, so EOS's id serves
         tok.pad_token = tok.eos_token
     return tok
