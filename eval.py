@@ -441,10 +441,11 @@ class GradeLog:
         self.grader.close()
 
     def current(self, gens):
-        """The grade line of each generation (its key's last line without an error, else its last line)."""
+        """The grade line of each generation (its key's last line without an error, else its last line),
+        under the generation's own id and sample: samples with the same text share a key, and each counts."""
         by_key = judge_lib.grades_by_key(common.read_jsonl(self.path))
         keys = {(g["id"], g["sample"]): self.key(g)[0] for g in gens if g["id"] in self.by_id}
-        return [by_key[k] for k in keys.values() if k in by_key]
+        return [dict(by_key[k], id=i, sample=s) for (i, s), k in keys.items() if k in by_key]
 
 
 def check_run_dir(args, out, grader):

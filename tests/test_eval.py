@@ -447,3 +447,18 @@ def test_a_numeric_problem_is_said(tmp_path, capsys):
     assert [p["problem"] for p in problems] == ["40", "41"]
     out = capsys.readouterr().out
     assert "row 0: the problem is a number (40); check --columns" in out and "row 1:" in out
+
+
+def test_samples_with_the_same_text_each_count(tmp_path, monkeypatch):
+    """Grades are keyed by the content graded, so two samples of a problem with the same completion share one
+    key; the summary took that key's grade line once and left the other sample out ("missing"), which made
+    the report's avg@n disagree with grades.jsonl (seen on the tiny task: 40.3 reported, 54.7 / 37.5 there)."""
+    import rc_decode
+
+    fake = Scripted()  # every completion is the same text
+    monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, **k: fake)
+    out = str(tmp_path / "same")
+    assert ev.main(ev.parse_args(_eval_argv(out, "--scaffold", "direct", "--limit", "2", "--n", "3"))) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["counts"]["graded"] == 6 and summary["counts"]["missing"] == 0
+    assert all(len(v["scores"]) == 3 and None not in v["scores"] for v in summary["per_problem"].values())
