@@ -6,6 +6,7 @@
         config.json, model.safetensors, ...   save_pretrained (or a LoRA adapter): what users load
         resume/rank00000.safetensors          per rank: trainable parameters (the fp32 master, local
                                               FSDP2 shard), optimizer state, RNG states
+        resume/*.json                         the stage's own resume data (rl.py: in-flight rollouts)
         trainer_state.json                    format, step, world size, args, the stage's own state;
                                               written last, so its presence marks a complete checkpoint
 
@@ -67,10 +68,11 @@ def resume_tensors(model, opt):
     return tensors, meta
 
 
-def save(path, *, export, model, opt, args, state, rank, world_size, resumable=True, keep_last=0):
+def save(path, *, export, model, opt, args, state, rank, world_size, resumable=True, keep_last=0, extra=None):
     """Write checkpoint folder `path` (see the module docstring). export(folder) writes the Hugging Face
     files; every rank calls it (a gather is a collective), rank 0 writes. state: the stage's JSON-able
-    position (step, data position); keep_last > 0 deletes all but the newest keep_last step_* folders."""
+    position (step, data position); extra: {file name: JSON-able} that rank 0 writes into resume/ (the
+    stage's own resume data); keep_last > 0 deletes all but the newest keep_last step_* folders."""
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"
@@ -82,6 +84,9 @@ def save(path, *, export, model, opt, args, state, rank, world_size, resumable=T
     if resumable:
         tensors, meta = resume_tensors(model, opt)
         save_file(tensors, os.path.join(tmp, "resume", f"rank{rank:05d}.safetensors"), metadata=meta)
+        for name, obj in (extra or {}).items() if rank == 0 else ():
+            with open(os.path.join(tmp, "resume", name), "w") as f:
+                json.dump(obj, f)
     barrier(world_size)
     if rank == 0:
         record = dict(format=FORMAT, **state, world_size=world_size, resumable=resumable, args=vars(args))
@@ -169,7 +174,7 @@ def prepare_output_dir(args, rank, world_size, free):
     """The checkpoint to resume from (or None). Refuses to start over a run unless --overwrite, to resume
     a folder without one, one made with other flags (each changed flag named; `free` = the flags a
     resume may change) or by another number of processes, and an older format (which it names)."""
-    out = args.output_dir
+    out = common.writable_path(args.output_dir, "--output-dir", folder=True)  # before any model loads
     args_file = os.path.join(out, "args.json")
     if os.path.exists(args_file) and not (args.resume or args.overwrite):
         raise common.InputError(f"--output-dir {out!r} already holds a run ({args_file}); pass --resume to continue "

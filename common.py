@@ -32,9 +32,10 @@ class NonFiniteError(ArithmeticError):
 
 
 def cli(main, argv=None):
-    """Run a stage's main(argv): an InputError (a bad file, row, flag or model) is printed as one line
-    without a traceback and exits with status 2, a NonFiniteError (the step and the fix) with status 1;
-    anything else propagates with its traceback."""
+    """Run a stage's entry point (each stage ends with `common.cli(lambda: main(parse_args()))`): an
+    InputError (a bad file, row, flag or model) is printed as one line without a traceback and exits with
+    status 2, a NonFiniteError (the step and the fix) with status 1; anything else propagates with its
+    traceback."""
     try:
         return main(argv) if argv is not None else main()
     except InputError as e:
@@ -169,17 +170,20 @@ def qwen_tokenizer_dir():
     return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
 
 
-def load_tokenizer(name_or_path, *, require_chat_template=True):
-    """AutoTokenizer from a hub id or a local folder, with a pad token and (by default) a chat template."""
+def load_tokenizer(name_or_path, *, require_chat_template=True, flag=None):
+    """AutoTokenizer from a hub id or a local folder, with a pad token and (by default) a chat template.
+    flag: the flag the path came from, named in the error when it does not exist."""
     from transformers import AutoTokenizer
 
     if isinstance(name_or_path, str) and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
-        raise InputError(f"tokenizer path {name_or_path!r} does not exist; give a model/tokenizer folder or a hub id")
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+        raise InputError(f"{flag + ' ' if flag else ''}tokenizer path {name_or_path!r} does not exist; give a model/tokenizer folder or "
+                         "a hub id")
+    tok = _from_hub_or_folder(AutoTokenizer.from_pretrained, name_or_path, flag)
     if require_chat_template and not getattr(tok, "chat_template", None):
-        raise InputError(f"tokenizer of {name_or_path!r} has no chat template; pass a chat model's "
-                         "tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set tokenizer.chat_template")
-    if tok.pad_token is None:
+        raise InputError(f"{flag + ' ' if flag else ''}tokenizer of {name_or_path!r} has no chat template; pass a chat "
+                         "model's tokenizer with --tokenizer (e.g. Qwen/Qwen3-4B-Thinking-2507) or set "
+                         "tokenizer.chat_template")
+    if tok.pad_token is None:  # batching needs one; padded positions are masked, so EOS's id serves
         tok.pad_token = tok.eos_token
     return tok
 
@@ -199,8 +203,22 @@ def load_model(name_or_path, *, dtype=torch.bfloat16, device="cpu", attn_impleme
         raise InputError(f"model path {name_or_path!r} does not exist; give a saved model folder or a hub id "
                          "(owner/name)")
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **extra, **kwargs)
+    model = _from_hub_or_folder(AutoModelForCausalLM.from_pretrained, name_or_path, None, dtype=dtype, **extra,
+                                **kwargs)
     return model.to(device)
+
+
+def _from_hub_or_folder(load, name, flag, **kw):
+    """load(name, **kw); a name that is neither a folder here nor a repo the hub gives (a typo, no network,
+    a gated model) is one line naming it, not transformers' traceback."""
+    try:
+        return load(name, **kw)
+    except OSError as e:
+        if not isinstance(name, str) or os.path.isdir(name):
+            raise
+        first = str(e).strip().split("\n")[0][:300]
+        raise InputError(f"{flag + ' ' if flag else ''}{name!r}: not a folder here, and the Hugging Face hub did not "
+                         f"give it ({first}); check the path or hub id, the network or HF_TOKEN") from None
 
 
 def check_tokenizer_matches(tokenizer, model, tokenizer_name):
@@ -251,6 +269,7 @@ def tiny_qwen3_config(vocab_size=151936):
 
     return Qwen3Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=8192,
+                       # the real tokenizer's ids: 151643 <|endoftext|>, 151645 <|im_end|> (the end of a turn)
                        tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
                        pad_token_id=151643)
 
@@ -366,22 +385,28 @@ def append_jsonl(path, record):
         os.fsync(f.fileno())
 
 
-def read_jsonl(path):
-    """Records of a JSONL file; a torn last line (from a kill mid-write) is skipped."""
+def read_jsonl(path, torn_tail_ok=True):
+    """Records of a JSONL file. torn_tail_ok: a torn last line (from a kill mid-write of a file we append
+    to) is skipped; an input file's bad last line is an error like any other."""
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i >= len(lines) - 2:  # torn tail from an interrupted write
+        except json.JSONDecodeError as e:
+            # the last line, or the one before the "" that a final newline leaves: a torn tail from a kill
+            if torn_tail_ok and i >= len(lines) - 2:
                 continue
-            raise InputError(f"{path}: line {i + 1} is not valid JSON; fix or delete that line")
+            raise InputError(f"{path}: line {i + 1} is not valid JSON ({e.msg} at column {e.colno}); fix or delete "
+                             "that line") from None
     return out
 
 
@@ -420,9 +445,11 @@ def fill_template(template, fields, *, known, what):
     return pattern.sub(lambda m: fields[m.group(1)], template)
 
 
+# cached: epoch_rows asks once per row, and a batch may straddle two epochs
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n, seed, epoch):
     order = list(range(n))
+    # one RNG per (seed, epoch): the order of epoch e never depends on how far earlier epochs were read
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return tuple(order)
 

@@ -290,6 +290,8 @@ class HFEngine(Engine):
         return out
 
     def _micro_batches(self, idx, ids, budgets):
+        # longest prompt first, so a batch's rows have similar lengths and left padding wastes little; a
+        # batch holds at most max_batch_size rows and rows x (longest prompt + largest budget) cache slots
         order = sorted(idx, key=lambda i: -len(ids[i]))
         batch = []
         for i in order:
@@ -305,7 +307,7 @@ class HFEngine(Engine):
 
     def _completion(self, toks, lps, prompt_ids, sampling, budget):
         stop = [j for j, t in enumerate(toks) if t in self._eos] if not sampling.ignore_eos else []
-        if stop:
+        if stop:  # the EOS that stopped the row is kept: the contract's token_ids include it, as vLLM's do
             toks, lps, reason = toks[:stop[0] + 1], lps[:stop[0] + 1], "stop"
         else:
             reason = "length"
@@ -350,7 +352,7 @@ class HFEngine(Engine):
         state = {"cache": DynamicCache(config=self.model.config), "attn": attn}
 
         def logits_fn(tok):
-            if tok is None:
+            if tok is None:  # prefill: positions count real tokens only, so a left-padded row starts at 0
                 x, pos = ids, (attn.cumsum(-1) - 1).clamp_min(0)
             else:
                 state["attn"] = torch.cat([state["attn"], torch.ones_like(tok[:, None])], 1)

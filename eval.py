@@ -34,6 +34,7 @@ import time
 import common
 import engines as engine_lib
 import judge as judge_lib
+import rc_decode
 import viewer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,8 +83,8 @@ TINY_DATA = os.path.join(HERE, "data", "tiny_eval.jsonl")
 # CLI
 
 TINY = dict(model=common.TINY_MODEL_DIR, benchmark=TINY_DATA, grader="answer", engine="hf", device="cpu", dtype="float32",
-            scaffold="direct", n=2, limit=-1, max_tokens=20, turns=2, summary_tokens=16, verify_tokens=16,
-            n_proofs=2, n_verify=1, rounds=1, chunk_size=64, out_dir=os.path.join("runs", "eval-tiny"))
+            scaffold="direct", n=2, limit=-1, reason_tokens=20, turns=2, summary_tokens=16, verify_tokens=16,
+            n_proofs=2, n_verify=1, refine_rounds=1, chunk_size=64, out_dir=os.path.join("runs", "eval-tiny"))
 
 
 def build_parser():
@@ -91,6 +92,7 @@ def build_parser():
     p.add_argument("--preset", default="", choices=["", "tiny"], help="tiny = offline CPU run (flags you pass win)")
     # ---- model and engine
     p.add_argument("--model", default="lm-provers/QED-Nano", help="hub id or folder (openai engine: served name)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer hub id or folder, when not --model's own")
     p.add_argument("--engine", default="vllm", choices=engine_lib.kinds(), help="generation engine (engines.py)")
     p.add_argument("--device", default="auto", help="hf engine: auto|cpu|cuda")
     p.add_argument("--dtype", default="bfloat16", help="hf/vllm weights dtype")
@@ -104,28 +106,11 @@ def build_parser():
                    help="rc = reasoning cache (the paper's QED-Nano eval), direct = one proof, verify-refine = "
                         "DeepSeek-Math-V2-style self-verification")
     p.add_argument("--n", type=int, default=3, help="samples per problem = independent runs for avg@n")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (the released run "
-                   "scripts: 0.8; the model card's recommendation is --temperature 0.6 --top-p 0.95)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off, as the released run scripts)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k (0 = off, as the released run scripts)")
-    p.add_argument("--reason-tokens", "--max-tokens", dest="max_tokens", type=int, default=-1,
-                   help="new tokens per call: a direct proof, each rc "
-                   "reasoning turn, each verify-refine proof/refinement (-1 = 229376, the released run scripts' "
-                   "budget for every call). A cap: the hf and vllm engines clamp each request to what the "
-                   "model's context leaves after its prompt (a prompt that leaves no room is that sample's error)")
-    p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--summary-tokens", type=int, default=-1, help="rc: summary budget in tokens (-1 = --reason-tokens: "
-                   "the released eval's summarizer is the model itself, thinking, with the turns' budget)")
-    p.add_argument("--summary-temperature", type=float, default=-1.0, help="rc: summarizer temperature (-1 = "
-                   "--temperature; the summarizer also uses --top-p/--top-k)")
+    # --temperature 0.8 --top-p 1 --top-k 0 --reason-tokens 229376 (the released run scripts' sampling; the model
+    # card's is --temperature 0.6 --top-p 0.95), rc and verify-refine flags: rc_decode's, one vocabulary
+    rc_decode.add_scaffold_flags(p)
     p.add_argument("--summarizer-model", default="", help="rc: separate summarizer ('' = the model itself, as the "
-                   "released eval); set --summary-tokens/--summary-temperature for it")
-    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs in the pool, and proofs refined "
-                   "per iteration")
-    p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
-    p.add_argument("--rounds", type=int, default=2, help="verify-refine: refinement iterations")
-    p.add_argument("--verify-tokens", type=int, default=-1, help="verify-refine: budget per verification "
-                   "(-1 = --reason-tokens, as the released agent)")
+                   "released eval); set --summary-tokens/--summary-temperature/--summary-top-p for it")
     p.add_argument("--task-prompt", default="", help="prompts/<name>.txt that turns a problem into the model's "
                    "task ('' = the benchmark's own: answerbench for IMO-AnswerBench and answer-graded files, "
                    "direct_proof otherwise); direct and rc scaffolds")
@@ -242,6 +227,7 @@ def load_benchmark(benchmark, *, columns="", grader="", split="train", config=No
         if isinstance(row[mapping["problem"]], (int, float)):  # graded as text, but said: a column mix-up?
             print(f"{source}: row {i}: the problem is a number ({row[mapping['problem']]!r}); check --columns",
                   flush=True)
+        # every field as text: a numeric answer column (42) is compared and hashed as the string "42"
         p = {f: (None if row[c] is None else str(row[c])) for f, c in mapping.items()}
         p["id"] = p.get("id") or f"row-{i}"
         if p["id"] in seen:
@@ -313,6 +299,8 @@ def summarize(problems, grades, n, breakdowns):
     add("all", list(scores))
     for field in breakdowns:
         values = sorted({p.get(field) for p in problems if p.get(field)})
+        # one value would repeat the "all" row; a set (basic / advanced) is shown even alone, since
+        # IMO-ProofBench scores are reported per set
         if len(values) < 2 and field != "set":
             continue
         for v in values:
@@ -342,6 +330,7 @@ def plot_scores(path, summary, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # best problems first; an ungraded problem sorts last (-1) and is drawn as an empty bar
     items = sorted(((v["mean"] if v["mean"] is not None else -1, i, v["scores"])
                     for i, v in summary["per_problem"].items()), reverse=True)
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(items) + 2), 4))
@@ -378,32 +367,21 @@ def write_report(out_dir, summary, args, title):
 # What the generations depend on. The grader's settings are not here: each grade is stored under its
 # Grader.key (problem, proof, rubric/reference/answer, judge model, prompt text, ...), so another judge or
 # prompt regrades exactly what it changes and keeps the generations.
-RESUME_KEYS = ["model", "benchmark", "columns", "split", "config", "scaffold", "temperature", "top_p",
-               "top_k", "max_tokens", "turns", "summary_tokens", "summary_temperature", "summarizer_model",
-               "verify_tokens", "task_prompt", "seed", "dtype"]
-# New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
-# max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
-DEFAULT_MAX_TOKENS = 229376
+RESUME_KEYS = ["model", "tokenizer", "benchmark", "columns", "split", "config", "scaffold", "temperature", "top_p",
+               "top_k", "reason_tokens", "turns", "summary_tokens", "summary_temperature", "summary_top_p",
+               "summary_top_k", "summary_thinking", "final_summary", "summarizer_model", "n_proofs", "n_verify",
+               "refine_rounds", "n_critiques", "verify_tokens", "task_prompt", "seed", "dtype"]
 
 
-def run_scaffold(args, engines, problems, first_seed):
-    """Traces for `problems` (a list of texts), one sample each, with the chosen scaffold."""
-    from rc_decode import Sampling, run_direct, run_rc, run_verify_refine
-
-    seed = None if args.seed < 0 else first_seed
-    s = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, seed)
-    if args.scaffold == "direct":
-        return run_direct(problems, engines["model"], s, task_prompt=args.task_prompt)
-    if args.scaffold == "rc":
-        # the summarizer thinks (its summary is what follows its </think>); no summary after the last turn
-        summ = Sampling(args.summary_tokens, args.summary_temperature, args.top_p, args.top_k, seed)
-        return run_rc(problems, engines["model"], summarizer=engines.get("summarizer"), turns=args.turns,
-                      reason_sampling=s, summary_sampling=summ, summary_thinking=True, final_summary=False,
-                      task_prompt=args.task_prompt)
-    return run_verify_refine(problems, engines["model"], proof_sampling=s, n_proofs=args.n_proofs,
-                             n_verify=args.n_verify, rounds=args.rounds,
-                             verify_sampling=Sampling(args.verify_tokens, args.temperature, args.top_p, args.top_k,
-                                                      seed))
+def recorded_args(old):
+    """The settings of an args.json under today's names. One written before eval.py shared rc_decode's flags
+    has max_tokens and rounds (renamed) and none of the summary's top-p/top-k, thinking, final summary and
+    critiques: those were fixed then, to the values their defaults give today (its samples match today's)."""
+    if "reason_tokens" in old:
+        return old
+    implied = dict(summary_top_p=old.get("top_p"), summary_top_k=old.get("top_k"), summary_thinking=True,
+                   final_summary=False, n_critiques=2)
+    return {**implied, **rc_decode.renamed_dests(old)}
 
 
 def answer_grade(text, reference, allow_no_think, strip_self_eval=True):
@@ -423,6 +401,7 @@ class GradeLog:
         from tqdm import tqdm
 
         self.path, self.grader, self.name, self.by_id = path, grader, name, by_id
+        # keys graded without an error are never resubmitted; an errored grade is retried on this run
         self.done = {r["key"] for r in common.read_jsonl(path) if r.get("key") and not r.get("error")}
         self.futures = []
         self.bar = tqdm(total=0, desc="grade", position=1, dynamic_ncols=True)
@@ -462,10 +441,11 @@ class GradeLog:
         self.grader.close()
 
     def current(self, gens):
-        """The grade line of each generation (its key's last line without an error, else its last line)."""
+        """The grade line of each generation (its key's last line without an error, else its last line),
+        under the generation's own id and sample: samples with the same text share a key, and each counts."""
         by_key = judge_lib.grades_by_key(common.read_jsonl(self.path))
         keys = {(g["id"], g["sample"]): self.key(g)[0] for g in gens if g["id"] in self.by_id}
-        return [by_key[k] for k in keys.values() if k in by_key]
+        return [dict(by_key[k], id=i, sample=s) for (i, s), k in keys.items() if k in by_key]
 
 
 def check_run_dir(args, out, grader):
@@ -476,7 +456,6 @@ def check_run_dir(args, out, grader):
         # a grader of gold answers gets IMO-AnswerBench's "\\boxed{} answer" task, any other the proof task
         answers = "answer" in judge_lib.required_fields(grader)
         args.task_prompt = spec["task_prompt"] if spec else "answerbench" if answers else "direct_proof"
-    import rc_decode
     try:  # a missing or malformed task prompt fails now, not after the model has loaded
         rc_decode.task_text("problem", args.task_prompt)
     except ValueError as e:
@@ -485,6 +464,7 @@ def check_run_dir(args, out, grader):
     if os.path.exists(args_path) and os.path.exists(os.path.join(out, "generations.jsonl")):
         with open(args_path) as f:
             old = json.load(f)
+        old = recorded_args(old)
         diff = [k for k in RESUME_KEYS if k in old and old[k] != getattr(args, k)]
         if diff:
             was = ", ".join(f"--{k.replace('_', '-')} {old[k]!r}" for k in diff)
@@ -524,9 +504,12 @@ def evaluate(args):
                 engines["summarizer"] = engine_lib.from_args(args, args.summarizer_model)
             for c0 in range(0, len(todo_gen), args.chunk_size):
                 chunk = todo_gen[c0:c0 + args.chunk_size]
+                # the chunk's seed from its first (sample k, problem i): 1,000,003 exceeds any benchmark's
+                # problem count, so (k, i) -> seed is one-to-one and two chunks never share a seed
                 k0, i0 = chunk[0]
-                traces = run_scaffold(args, engines, [problems[i]["problem"] for _, i in chunk],
-                                      args.seed + 1_000_003 * k0 + i0)
+                traces = rc_decode.run_scaffold(args, [problems[i]["problem"] for _, i in chunk], engines["model"],
+                                                engines.get("summarizer"),
+                                                seed=None if args.seed < 0 else args.seed + 1_000_003 * k0 + i0)
                 records = []
                 for (k, i), tr in zip(chunk, traces):
                     rec = dict(id=problems[i]["id"], sample=k, scaffold=args.scaffold,
@@ -550,6 +533,7 @@ def evaluate(args):
     gens = {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path) if not r.get("error")}
     grades = log.current(gens.values())
     summary = summarize(problems, grades, args.n, breakdowns)
+    # generation errors: the last line of each (id, sample) of this run, so one a rerun fixed is not counted
     summary.update(title=title, grader=grader, source=source, columns=mapping, args=vars(args),
                    generation_errors=sum(1 for r in {(r["id"], r["sample"]): r for r in common.read_jsonl(gen_path)
                                                      if r["id"] in by_id and r["sample"] < args.n}.values()
@@ -573,14 +557,7 @@ def parse_args(argv=None):
     if args.view or args.compare:  # viewer.cli: no preset, no model
         return args
     # -1 sentinels resolve here, so args.json records (and a resume compares) the values really used
-    if args.max_tokens < 0:
-        args.max_tokens = DEFAULT_MAX_TOKENS
-    if args.summary_tokens < 0:
-        args.summary_tokens = args.max_tokens
-    if args.summary_temperature < 0:
-        args.summary_temperature = args.temperature
-    if args.verify_tokens < 0:
-        args.verify_tokens = args.max_tokens
+    rc_decode.resolve_scaffold_flags(args)
     if not args.out_dir:
         name = lambda s: re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(s)) or s)  # noqa: E731
         args.out_dir = os.path.join("runs", "eval", f"{name(args.model)}-{name(args.benchmark)}-{args.scaffold}")
@@ -591,8 +568,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     if args.view or args.compare:
         return viewer.cli(args)
     if args.model == common.TINY_MODEL_DIR:
@@ -609,4 +585,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
-    sys.exit(common.cli(main))
+    sys.exit(common.cli(lambda: main(parse_args())))

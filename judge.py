@@ -53,6 +53,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import common
+# the final-answer helpers live in answers.py; judge.grade_answer / judge.answer_reward keep working
+from answers import answer_reward, final_answer_excerpt, grade_answer, last_boxed, parse_correctness  # noqa: F401
 
 PROMPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
@@ -121,101 +123,6 @@ def score_to_reward(score, threshold=None):
     if threshold is not None:
         return 1.0 if score >= threshold else 0.0
     return score / 7.0
-
-
-# ---------------------------------------------------------------------------------------------
-# final answers (IMO-AnswerBench, and rl.py tasks with an `answer` column): no LLM
-
-
-def last_boxed(text):
-    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if none."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j].strip()
-    return None  # unclosed brace: the answer was cut off
-
-
-def grade_answer(answer_text, reference):
-    """True when the last \\boxed{} of `answer_text` equals `reference` (math-verify: numbers,
-    fractions, sets, equations, intervals). math-verify's signal-based timeout only works in the
-    main thread, so other threads run it without one."""
-    from math_verify import parse, verify
-
-    box = last_boxed(answer_text or "")
-    if box is None or reference is None:
-        return False
-    reference = str(reference).strip()
-    if " ".join(box.split()) == " ".join(reference.split()):
-        return True
-    t = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = parse(reference if "$" in reference else f"${reference}$", parsing_timeout=t)
-    if not gold:
-        gold = parse("\\boxed{" + reference + "}", parsing_timeout=t)
-    pred = parse("\\boxed{" + box + "}", parsing_timeout=t)
-    return bool(gold and pred and verify(gold, pred, timeout_seconds=t))
-
-
-def answer_reward(completion_text, reference):
-    """1.0 if the completion's final answer (after </think>) matches `reference`, else 0.0;
-    0.0 for a truncated completion (no </think>)."""
-    _, answer, truncated = common.split_thinking(completion_text or "")
-    return 0.0 if truncated else float(grade_answer(answer, reference))
-
-
-# ---------------------------------------------------------------------------------------------
-# final answers graded by an LLM (IMO-AnswerBench as the released eval grades it)
-
-
-def _boxes(text):
-    """[(start, content)] of every complete top-level \\boxed{...} / \\fbox{...} (a box inside another
-    box is part of the outer one's content; an unclosed box is skipped)."""
-    out, pos = [], 0
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        if m.start() < pos:
-            continue  # inside the previous box
-        depth = 0
-        for j in range(m.end() - 1, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                out.append((m.start(), text[m.end():j].strip()))
-                pos = j + 1
-                break
-    return out
-
-
-def final_answer_excerpt(answer_text):
-    """What the answer judge is shown of a response: its final boxed answer - every \\boxed{} on the
-    last line holding one, joined by ", " (answers like "\\boxed{1}, \\boxed{2}" are lists) - or,
-    when there is no box, its last five lines after "..." (the released eval's fallback)."""
-    text = (answer_text or "").strip()
-    boxes = _boxes(text)
-    if boxes:
-        last_line = text.count("\n", 0, boxes[-1][0])
-        return ", ".join(c for s, c in boxes if text.count("\n", 0, s) == last_line)
-    lines = text.split("\n")
-    return "...\n" + "\n".join(lines[-5:]) if len(lines) >= 5 else text
-
-
-_VERDICT_RE = re.compile(r"^[\s*]*(?:\\text(?:bf)?\{\s*)?(correct|incorrect)\s*\}?[\s*.]*$", re.IGNORECASE)
-
-
-def parse_correctness(reply):
-    """True / False from the answer judge's LAST \\boxed{Correct} / \\boxed{Incorrect} (\\text{...} and
-    bold tolerated); None when the reply has no box or the last box holds anything else (a parse
-    failure: counts 0)."""
-    boxes = _boxes(reply or "")
-    if not boxes:
-        return None
-    m = _VERDICT_RE.match(boxes[-1][1])
-    return None if m is None else m.group(1).lower() == "correct"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,8 +660,13 @@ def grade_file(grader, input_path, output_path, *, progress=True):
     settings) has no grade without an error in `output_path`, appending each grade as it arrives; at
     the end the output is rewritten in input order, one line per row. Returns (rows graded now, rows
     with an error)."""
-    rows = common.read_jsonl(input_path)
+    rows = common.read_jsonl(input_path, torn_tail_ok=False)
+    if not rows:
+        raise common.InputError(f"--input {input_path} holds no rows; give a JSONL file with one {{\"problem\", "
+                                "\"proof\", ...} object per line")
     for i, r in enumerate(rows):  # every row checked before the first request is paid for
+        if not isinstance(r, dict):
+            raise common.InputError(f"{input_path}: row {i + 1} is a JSON {type(r).__name__}, not an object")
         missing = [k for k in ("problem", "proof") if k not in r]
         if missing:
             raise common.InputError(f"{input_path}: row {i + 1} has no {missing} field(s); each row needs "
@@ -782,7 +694,7 @@ def grade_file(grader, input_path, output_path, *, progress=True):
     return len(grades), sum(g.error is not None for g in grades)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings, same dest
     # ---- io
@@ -834,8 +746,10 @@ def main(argv=None):
     p.add_argument("--strip-self-eval", action="store_true", help="cut a trailing self-evaluation section (a "
                    "'# Evaluation' / '## Self Evaluation' / '## Final Evaluation' heading to the end) before "
                    "grading, as benchmark grading does (eval.py); off = RL rewards, which keep it")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(args):
     if not os.path.isfile(args.input):
         raise common.InputError(f"--input {args.input}: no such file")
     common.writable_path(args.output, "--output")  # before any request is paid for
@@ -863,4 +777,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # SIGTERM/Ctrl-C: what is written (generations, grades, the judge cache) stays
-    sys.exit(common.cli(main))
+    sys.exit(common.cli(lambda: main(parse_args())))

@@ -133,20 +133,24 @@ def microbatch_loss(model, tap, mb, args):
 
 @torch.no_grad()
 def sequence_logprobs(model, tap, seqs, temperature, pad_id, max_tokens):
-    """Per sequence, the list of its completion tokens' log-probs under `model` (sampler or reference)."""
+    """Per sequence ({"prompt_ids", "completion_ids", ...}), the list of its completion tokens' log-probs
+    under `model` (sampler or reference)."""
     from kernels import linear_logprob
 
     device = next(model.parameters()).device
-    for s in seqs:
-        s.setdefault("num_tokens", len(s["prompt_ids"]) + len(s["completion_ids"]))
-    for micro in plan_microbatches(seqs, 1, max_tokens)[0]:
+    # packing records of the ids alone (the loss fields unused here), in the input's order
+    recs = [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"], "i": i, "weight": 0.0,
+             "advantage": 0.0, "old_logp": [0.0] * len(s["completion_ids"]),
+             "num_tokens": len(s["prompt_ids"]) + len(s["completion_ids"])} for i, s in enumerate(seqs)]
+    out = [None] * len(recs)
+    for micro in plan_microbatches(recs, 1, max_tokens)[0]:
         mb = make_microbatch(micro, pad_id, device)
         hidden = completion_hidden(model, tap, mb)
         lp = linear_logprob(hidden, head_weight(model).to(hidden.dtype), mb["targets"],
                             temperature=temperature).float().cpu().tolist()
         for s in micro:
-            s["_lp"], lp = lp[:len(s["completion_ids"])], lp[len(s["completion_ids"]):]
-    return [s.pop("_lp") for s in seqs]
+            out[s["i"]], lp = lp[:len(s["completion_ids"])], lp[len(s["completion_ids"]):]
+    return out
 
 
 def full_state_dict(model):
@@ -229,13 +233,13 @@ def push_weights(args, model, engine, lora_scale, version, rank):
 # Checkpoints: Hugging Face layout + resume state (optimizer shards as safetensors: no pickles)
 
 
-def save_checkpoint(path, policy, tokenizer, opt, state, args, rank, world_size, resumable=True):
+def save_checkpoint(path, policy, tokenizer, opt, state, args, rank, world_size, resumable=True, extra=None):
     """checkpoint.py's format; the export is in the compute dtype (bf16 on GPUs, what vLLM serves), the
-    resume state keeps the fp32 master weights. state: {"step", "next_batch"}."""
+    resume state keeps the fp32 master weights. state: {"step", "next_batch"}; extra: checkpoint.save's."""
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     checkpoint.save(path, export=lambda folder: export_hf(policy, tokenizer, folder, rank, dtype), model=policy,
                     opt=opt, args=args, state=state, rank=rank, world_size=world_size, resumable=resumable,
-                    keep_last=args.keep_last)
+                    keep_last=args.keep_last, extra=extra)
 
 
 def export_hf(policy, tokenizer, folder, rank, dtype):
@@ -342,7 +346,7 @@ def build_policy(args, rank, world_size, device):
     if args.model == common.TINY_MODEL_DIR and rank == 0:
         common.make_tiny_model()
     barrier(world_size)
-    tokenizer = common.load_tokenizer(args.tokenizer or args.model)
+    tokenizer = common.load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
     policy = common.load_model(args.model, dtype=torch.float32, device=device)  # fp32 master weights
     common.check_tokenizer_matches(tokenizer, policy, args.tokenizer or args.model)
     # the KL reference is the start policy: copied before a resume restores the trained weights

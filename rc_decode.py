@@ -93,6 +93,8 @@ def opened_thinking(c, tokenizer=None):
     if c.text.lstrip().startswith("<think>"):
         return True
     if tokenizer is not None and c.prompt_token_ids:
+        # the generation prompt's tail ("<think>" and a newline) lies in the prompt's last few tokens:
+        # decoding four reads it without decoding a prompt of thousands
         return tokenizer.decode(c.prompt_token_ids[-4:]).rstrip().endswith("<think>")
     return False
 
@@ -156,6 +158,7 @@ def parse_verdict(text):
 
 
 def _items(problems, samples):
+    # [(problem index, sample index)] problem-major: every scaffold batches all of them in one engine call
     if isinstance(problems, str):
         raise ValueError("problems must be a list of strings, not one string")
     for i, p in enumerate(problems):
@@ -184,6 +187,7 @@ def _bar(progress, total, desc):
 
 
 def _finish(trace, turn):
+    # total_tokens counts every generated token of the trace (reasoning and summaries): the decoding cost
     trace.update(final_answer=turn["answer"], final_completion=turn["completion"], truncated=turn["truncated"])
     trace["total_tokens"] = sum(t["tokens"] + (t.get("summary_tokens") or 0) for t in trace["turns"])
     return trace
@@ -220,6 +224,8 @@ def run_rc(problems, reasoner, *, summarizer=None, turns=3, reason_sampling=None
     summary = [None] * len(items)  # the summary each (problem, sample) carries into its next turn
     active = list(range(len(items)))
     bar = _bar(progress, len(items) * (2 * turns - (0 if final_summary else 1)), "rc")
+    # engines seed request i with seed + i; call c of the scaffold (reasoning of turn t: c = 2t, its summary:
+    # 2t + 1) shifts the seed by c * 100,003, so no two calls of a batch under 100,003 sequences share a seed
     for t in range(turns):
         msgs = [reasoning_messages(problems[items[k][0]], summary[k], task_prompt) for k in active]
         comps = reasoner.generate(msgs, _reseed(reason_sampling, 2 * t * 100_003), thinking=True,
@@ -314,6 +320,8 @@ def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=
             cand["proof"] = extract_proof(cand["answer"])
             traces[k]["turns"].append(cand)
             new.append((k, cand))
+        # n_verify copies of each untruncated candidate's verification prompt in one call (seeds differ per
+        # request); a truncated candidate is scored 0 unverified, and its share of the bar is ticked now
         vjobs = [(cand, verify_messages(problems[items[k][0]], cand["proof"])) for k, cand in new
                  if not cand["truncated"]] * n_verify
         bar.update(len(new) * n_verify - len(vjobs))
@@ -341,6 +349,7 @@ def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=
             if cands[ranked(k)[0]]["score"] >= 1.0:
                 continue  # a proof every verification accepted: done
             for j in ranked(k)[:n_proofs]:
+                # the harshest reviews say what to fix; the pool keeps growing, only the best n_proofs refine
                 crit = sorted(cands[j]["verifications"], key=lambda v: v["verdict"] or 0.0)[:n_critiques]
                 reviews = [v["analysis"] or v["completion"] for v in crit]
                 jobs.append((k, refine_messages(problems[pi], cands[j]["proof"], reviews), j))
@@ -365,8 +374,8 @@ def run_verify_refine(problems, engine, *, proof_sampling=None, verify_sampling=
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-TINY_PRESET = dict(engine="hf", device="cpu", dtype="float32", turns=2, reason_budget=48, summary_budget=24,
-                   verify_budget=24, n_proofs=2, n_verify=2, refine_rounds=1, n_critiques=1, max_batch_size=16)
+TINY_PRESET = dict(engine="hf", device="cpu", dtype="float32", turns=2, reason_tokens=48, summary_tokens=24,
+                   verify_tokens=24, n_proofs=2, n_verify=2, refine_rounds=1, n_critiques=1, max_batch_size=16)
 TINY_PROBLEM = "Compute 2 + 3. Put the final answer in \\boxed{}."
 
 
@@ -403,39 +412,12 @@ def build_parser():
                    help="default: the reasoner summarizes itself (test time); RL used Qwen/Qwen3-4B-Instruct-2507")
     p.add_argument("--summarizer-engine", default=None, choices=["hf", "vllm", "openai"], help="default: --engine")
     p.add_argument("--summarizer-base-url", default=None, help="openai summarizer URL (default: --base-url)")
-    p.add_argument("--summary-thinking", action=argparse.BooleanOptionalAction, default=True,
-                   help="ask the summarizer's chat template for thinking (enable_thinking); the summary is read "
-                        "from what comes back either way (the text after </think> when it thought)")
-    # ---- scaffold and budgets (tokens)
+    # ---- scaffold, budgets (tokens) and sampling: the flags run_scaffold reads, shared with eval.py
     p.add_argument("--scaffold", default="rc", choices=["rc", "direct", "verify-refine"], help="decoding scaffold")
     p.add_argument("--task-prompt", default="direct_proof",
                    help="prompts/<name>.txt that turns a problem into the task (direct_proof; answerbench)")
-    p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
-    p.add_argument("--reason-tokens", "--reason-budget", dest="reason_budget", type=int, default=229376,
-                   help="max new tokens per reasoning turn / proof (rc, direct, verify-refine); the released "
-                        "eval's 229,376; clamped per request to what the model's context leaves")
-    p.add_argument("--summary-tokens", "--summary-budget", dest="summary_budget", type=int, default=-1,
-                   help="rc: max new tokens per summary (-1 = --reason-tokens, the released eval; RL's "
-                        "instruct summarizer used 2048)")
-    p.add_argument("--final-summary", action="store_true",
-                   help="rc: also summarize the last turn (only RL's states need it; off in the released eval)")
-    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs per round")
-    p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
-    p.add_argument("--refine-rounds", type=int, default=2, help="verify-refine: refinement rounds (0 = none)")
-    p.add_argument("--n-critiques", type=int, default=2, help="verify-refine: lowest-scored reviews used to refine")
-    p.add_argument("--verify-tokens", "--verify-budget", dest="verify_budget", type=int, default=-1,
-                   help="verify-refine: max new tokens per verification (-1 = --reason-tokens)")
+    add_scaffold_flags(p)
     p.add_argument("--samples", type=int, default=1, help="independent traces per problem")
-    # ---- sampling
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="reasoner temperature (0 = greedy; the released eval's 0.8; the model card's 0.6)")
-    p.add_argument("--top-p", type=float, default=1.0, help="reasoner nucleus (1 = off; the model card's 0.95)")
-    p.add_argument("--top-k", type=int, default=0, help="reasoner top-k (0 = off)")
-    p.add_argument("--summary-temperature", type=float, default=-1,
-                   help="summarizer temperature (-1 = --temperature: the model summarizes itself, as at eval; "
-                        "RL's instruct summarizer used 0.7)")
-    p.add_argument("--summary-top-p", type=float, default=-1, help="summarizer nucleus (-1 = --top-p; RL: 0.8)")
-    p.add_argument("--summary-top-k", type=int, default=-1, help="summarizer top-k (-1 = --top-k; RL: 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed (-1 = nondeterministic)")
     # ---- input / output
     p.add_argument("--problem", default=None, help="one problem's text (prints the final proof)")
@@ -446,7 +428,6 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1024,
                    help="sequences (problems x samples) sent to the engine at once; traces are written after each")
     p.add_argument("--show-trace", action="store_true", help="print every turn, summary and verification")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -459,12 +440,8 @@ def parse_args(argv=None):
         parser.error("give exactly one of --problem TEXT or --input problems.jsonl")
     if args.problem is not None and not args.problem.strip():
         parser.error("--problem is empty")
-    for flag, same in (("summary_budget", "reason_budget"), ("verify_budget", "reason_budget"),
-                       ("summary_temperature", "temperature"), ("summary_top_p", "top_p"), ("summary_top_k", "top_k")):
-        if getattr(args, flag) < 0:  # -1: the same as the reasoning turns
-            setattr(args, flag, getattr(args, same))
-    for flag in ("turns", "reason_budget", "summary_budget", "samples", "batch_size", "n_proofs", "n_verify",
-                 "verify_budget", "max_batch_size", "concurrency"):
+    resolve_scaffold_flags(args)
+    for flag in ("samples", "batch_size", "max_batch_size", "concurrency"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.engine == "auto":
@@ -476,49 +453,132 @@ def parse_args(argv=None):
 def read_problems(path, problem_key=None, id_key=None):
     """[(id, problem text)] from a JSONL file; a bad line is an error naming the line and the fix."""
     if not os.path.exists(path):
-        raise ValueError(f"--input {path!r} does not exist")
+        raise common.InputError(f"--input {path!r} does not exist")
     out, seen = [], set()
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not valid JSON ({e}); fix or delete that line") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {n} is not a JSON object")
-            pk = problem_key or next((k for k in ("problem", "Problem", "question") if k in row), None)
-            if pk not in row:
-                raise ValueError(f"{path}: line {n} has no problem column (keys: {sorted(row)}); pass --problem-key")
-            if not isinstance(row[pk], str) or not row[pk].strip():
-                raise ValueError(f"{path}: line {n}: empty problem text in column {pk!r}")
-            ik = id_key or next((k for k in ("id", "Problem ID", "problem_id") if k in row), None)
-            if id_key and id_key not in row:
-                raise ValueError(f"{path}: line {n} has no id column {id_key!r}")
-            pid = str(row[ik]) if ik else f"line-{n}"
-            if pid in seen:
-                raise ValueError(f"{path}: line {n}: duplicate id {pid!r}; ids must be unique for resume")
-            seen.add(pid)
-            out.append((pid, row[pk]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise common.InputError(f"--input {path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as "
+                                "UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise common.InputError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                    "delete that line") from None
+        if not isinstance(row, dict):
+            raise common.InputError(f"{path}: line {n} is not a JSON object")
+        pk = problem_key or next((k for k in ("problem", "Problem", "question") if k in row), None)
+        if pk not in row:
+            raise common.InputError(f"{path}: line {n} has no problem column (keys: {sorted(row)}); pass --problem-key")
+        if not isinstance(row[pk], str) or not row[pk].strip():
+            raise common.InputError(f"{path}: line {n}: empty problem text in column {pk!r}")
+        ik = id_key or next((k for k in ("id", "Problem ID", "problem_id") if k in row), None)
+        if id_key and id_key not in row:
+            raise common.InputError(f"{path}: line {n} has no id column {id_key!r}")
+        pid = str(row[ik]) if ik else f"line-{n}"
+        if pid in seen:
+            raise common.InputError(f"{path}: line {n}: duplicate id {pid!r}; ids must be unique for resume")
+        seen.add(pid)
+        out.append((pid, row[pk]))
     if not out:
-        raise ValueError(f"{path} holds no problems")
+        raise common.InputError(f"--input {path} holds no problems; give a JSONL file with one "
+                                "{\"problem\": ...} object per line")
     return out
 
 
-def run_scaffold(args, problems, reasoner, summarizer):
-    seed = None if args.seed < 0 else args.seed
-    reason = Sampling(args.reason_budget, args.temperature, args.top_p, args.top_k, seed)
+# ---------------------------------------------------------------------------------------------
+# flags -> scaffold: the one adapter (rc_decode's CLI and eval.py both call run_scaffold), its flags added
+# to both parsers by add_scaffold_flags so that one concept has one flag and one dest in both stages
+
+# New tokens per call in the released run scripts (eval/configs/models/workflows/vllm_agent.yaml,
+# max_tokens 229376): direct proofs, every RC turn and summary, every verify-refine call.
+DEFAULT_REASON_TOKENS = 229376
+# A flag at -1 takes the value of the flag it names: summaries and verifications sample like the reasoning
+SAME_AS = {"summary_tokens": "reason_tokens", "verify_tokens": "reason_tokens", "summary_temperature": "temperature",
+           "summary_top_p": "top_p", "summary_top_k": "top_k"}
+# The spellings of before (eval.py's and rc_decode.py's), still parsed, hidden from --help: old flag -> dest
+OLD_FLAGS = {"--max-tokens": "reason_tokens", "--reason-budget": "reason_tokens", "--summary-budget": "summary_tokens",
+             "--verify-budget": "verify_tokens", "--rounds": "refine_rounds"}
+# The dests of before: an args dict a run recorded then (eval's args.json, rc_decode's traces) under today's names
+OLD_DESTS = {"max_tokens": "reason_tokens", "reason_budget": "reason_tokens", "summary_budget": "summary_tokens",
+             "verify_budget": "verify_tokens", "rounds": "refine_rounds"}
+
+
+def add_scaffold_flags(p):
+    """Add the flags run_scaffold reads to parser `p` (each stage adds --scaffold, --task-prompt and --seed
+    itself: their defaults and meaning differ). Defaults are the released eval's."""
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="reasoner temperature (0 = greedy; the released eval's 0.8; the model card's 0.6)")
+    p.add_argument("--top-p", type=float, default=1.0, help="reasoner nucleus (1 = off; the model card's 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="reasoner top-k (0 = off)")
+    p.add_argument("--reason-tokens", type=int, default=DEFAULT_REASON_TOKENS,
+                   help="max new tokens per call: a direct proof, each rc reasoning turn, each verify-refine "
+                        "proof/refinement (-1 = 229376, the released eval's budget for every call); a cap, "
+                        "clamped per request to what the model's context leaves after the prompt")
+    p.add_argument("--turns", type=int, default=3, help="rc: reasoning turns")
+    p.add_argument("--summary-tokens", type=int, default=-1,
+                   help="rc: max new tokens per summary (-1 = --reason-tokens, the released eval; RL's "
+                        "instruct summarizer used 2048)")
+    p.add_argument("--summary-temperature", type=float, default=-1,
+                   help="rc: summarizer temperature (-1 = --temperature: the model summarizes itself, as at eval; "
+                        "RL's instruct summarizer used 0.7)")
+    p.add_argument("--summary-top-p", type=float, default=-1, help="rc: summarizer nucleus (-1 = --top-p; RL: 0.8)")
+    p.add_argument("--summary-top-k", type=int, default=-1, help="rc: summarizer top-k (-1 = --top-k; RL: 20)")
+    p.add_argument("--summary-thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="rc: ask the summarizer's chat template for thinking (enable_thinking); the summary is read "
+                        "from what comes back either way (the text after </think> when it thought)")
+    p.add_argument("--final-summary", action="store_true",
+                   help="rc: also summarize the last turn (only RL's states need it; off in the released eval)")
+    p.add_argument("--n-proofs", type=int, default=4, help="verify-refine: proofs in the pool, and proofs refined "
+                   "per round")
+    p.add_argument("--n-verify", type=int, default=4, help="verify-refine: verifications per proof")
+    p.add_argument("--refine-rounds", type=int, default=2, help="verify-refine: refinement rounds (0 = none)")
+    p.add_argument("--n-critiques", type=int, default=2, help="verify-refine: lowest-scored reviews used to refine")
+    p.add_argument("--verify-tokens", type=int, default=-1,
+                   help="verify-refine: max new tokens per verification (-1 = --reason-tokens, as the released agent)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spellings, same dest
+    for old, dest in OLD_FLAGS.items():
+        p.add_argument(old, dest=dest, type=int, **hidden)
+
+
+def resolve_scaffold_flags(args):
+    """Resolve the -1 sentinels of add_scaffold_flags' flags in place (so the args a run records, and a resume
+    compares, hold the values really used); a count below 1 is an InputError naming the flag."""
+    if args.reason_tokens < 0:
+        args.reason_tokens = DEFAULT_REASON_TOKENS
+    for dest, same in SAME_AS.items():
+        if getattr(args, dest) < 0:
+            setattr(args, dest, getattr(args, same))
+    for dest in ("turns", "reason_tokens", "summary_tokens", "verify_tokens", "n_proofs", "n_verify"):
+        if getattr(args, dest) < 1:
+            raise common.InputError(f"--{dest.replace('_', '-')} must be >= 1, got {getattr(args, dest)}")
+
+
+def renamed_dests(old):
+    """An args dict recorded before the one flag vocabulary, with OLD_DESTS' keys under today's names."""
+    return {OLD_DESTS.get(k, k): v for k, v in old.items()}
+
+
+def run_scaffold(args, problems, reasoner, summarizer=None, *, seed=None):
+    """Traces for `problems` (a list of texts, one sample each) with the scaffold and the add_scaffold_flags
+    settings in `args`. seed: request i of every call is seeded seed + i (None = unseeded); the summaries and
+    verifications take the same seed, as run_rc and run_verify_refine shift each call's seeds apart. Each
+    stage picks the seed: rc_decode's --seed, eval.py one per chunk (its resume and avg@n need that)."""
+    reason = Sampling(args.reason_tokens, args.temperature, args.top_p, args.top_k, seed)
     progress = not args.no_progress
     if args.scaffold == "rc":
-        summ = Sampling(args.summary_budget, args.summary_temperature, args.summary_top_p, args.summary_top_k,
-                        None if seed is None else seed + 1)
+        summ = Sampling(args.summary_tokens, args.summary_temperature, args.summary_top_p, args.summary_top_k, seed)
         return run_rc(problems, reasoner, summarizer=summarizer, turns=args.turns, reason_sampling=reason,
                       summary_sampling=summ, progress=progress, summary_thinking=args.summary_thinking,
                       final_summary=args.final_summary, task_prompt=args.task_prompt)
     if args.scaffold == "direct":
         return run_direct(problems, reasoner, reason, progress=progress, task_prompt=args.task_prompt)
-    verify = dataclasses.replace(reason, max_tokens=args.verify_budget)
+    verify = dataclasses.replace(reason, max_tokens=args.verify_tokens)
     return run_verify_refine(problems, reasoner, proof_sampling=reason, verify_sampling=verify,
                              n_proofs=args.n_proofs, n_verify=args.n_verify, rounds=args.refine_rounds,
                              n_critiques=args.n_critiques, progress=progress)
@@ -562,6 +622,11 @@ def check_same_run(path, args):
     the first trace in it records the arguments that made it. Raises InputError naming each differing flag."""
     for r in common.read_jsonl(path):
         old = r.get("args") or {}
+        if "reason_budget" in old and old.get("scaffold") == "rc":
+            raise common.InputError(f"--output {path} holds rc traces made before the summaries were seeded as "
+                                    "eval.py seeds them (--seed, no longer --seed + 1); a resume would mix the two "
+                                    "schemes: write to another --output")
+        old = renamed_dests(old)  # --reason-budget and the other old spellings: today's dests
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
                 if k not in RESUME_FREE and old[k] != new.get(k)]
@@ -571,8 +636,7 @@ def check_same_run(path, args):
         return
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     if args.problem is not None:
         problems = [("problem", args.problem)]
     else:
@@ -601,7 +665,12 @@ def main(argv=None):
     results, n_err = [], 0
     for b in range(0, len(todo), args.batch_size):
         chunk = todo[b:b + args.batch_size]
-        traces = run_scaffold(args, [text for _, text, _ in chunk], reasoner, summarizer)
+        # request seeds follow each job's place in the whole run (problem-major), not in this batch: two
+        # batches never share seeds (a problem's samples in two batches were identical), and a resumed run
+        # seeds the jobs left as the uninterrupted run did
+        first = order[chunk[0][0]] * args.samples + chunk[0][2]
+        traces = run_scaffold(args, [text for _, text, _ in chunk], reasoner, summarizer,
+                              seed=None if args.seed < 0 else args.seed + first)
         for (pid, _, s), tr in zip(chunk, traces):
             tr.update(id=pid, sample_index=s, problem_index=order[pid])
             if args.output:
@@ -624,4 +693,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     common.exit_on_signals()  # finished traces are already on disk (fsync'd per batch)
-    common.cli(main)
+    common.cli(lambda: main(parse_args()))

@@ -36,12 +36,10 @@ import argparse
 import contextlib
 import math
 import os
-import queue
-import random
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +50,9 @@ import engines
 import judge
 import rc_decode
 from policy import (NonFiniteError, TrainStats, build_policy, check_sampler_logprobs, from_rank0,
-                    plan_microbatches, push_weights, save_checkpoint, sequence_logprobs, tap_hidden, train_step)
+                    plan_microbatches, push_weights, save_checkpoint, tap_hidden, train_step)
 from common import print0
+from rollouts import IN_FLIGHT, Batch, Rewards, build_batch, load_in_flight
 from kernels import POLICY_RULES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,7 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off (the released rollouts; 0.95 was only its "
                    "test-set sampling)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off (released rollouts; 20 was only its test sampling)")
-    p.add_argument("--max-new-tokens", type=int, default=49152, help="tokens per rollout")
+    p.add_argument("--reason-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=49152,
+                   help="tokens per rollout (eval.py's and rc_decode.py's --reason-tokens; --max-new-tokens: the "
+                   "older name)")
     p.add_argument("--max-lag", type=int, default=5, help="drop groups made by weights more than this many steps "
                    "older than the ones being trained; 0 = fully synchronous")
     p.add_argument("--fill-batch", action="store_true", help="after dropping zero-variance groups, keep sampling "
@@ -193,16 +194,20 @@ def parse_args(argv=None):
                    "our clip is then --grad-clip x divisor on the plain gradient (README, 'gradient clipping')")
     p.add_argument("--max-steps", type=int, default=150, help="trainer steps (one batch of groups each)")
     # ---- reasoning cache (stage 3)
-    p.add_argument("--rc-turns", type=int, default=0, help="0 = plain RL; 3 = RL on RC states (no summary, S1..S3)")
+    # the second spellings are eval.py's and rc_decode.py's names for the same things
+    p.add_argument("--rc-turns", "--turns", type=int, default=0, help="0 = plain RL; 3 = RL on RC states (no "
+                   "summary, S1..S3)")
     p.add_argument("--rc-states-per-problem", type=int, default=2, help="states sampled per problem, a group each")
-    p.add_argument("--rc-summarizer", default="Qwen/Qwen3-4B-Instruct-2507", help="frozen summarizer (loaded with "
-                   "--engine's kind); 'policy' = the policy summarizes itself")
-    p.add_argument("--rc-summarizer-url", default="", help="an OpenAI-compatible server of the summarizer instead")
-    p.add_argument("--rc-summary-tokens", type=int, default=2048, help="summary budget H_S (released: 2048)")
-    p.add_argument("--rc-summary-temperature", type=float, default=0.7, help="summarizer temperature (released: 0.7, "
-                   "with top_p 0.8 and top_k 20)")
+    p.add_argument("--rc-summarizer", "--summarizer-model", default="Qwen/Qwen3-4B-Instruct-2507",
+                   help="frozen summarizer (loaded with --engine's kind); 'policy' = the policy summarizes itself")
+    p.add_argument("--rc-summarizer-url", "--summarizer-base-url", default="",
+                   help="an OpenAI-compatible server of the summarizer instead")
+    p.add_argument("--rc-summary-tokens", "--summary-tokens", type=int, default=2048,
+                   help="summary budget H_S (released: 2048)")
+    p.add_argument("--rc-summary-temperature", "--summary-temperature", type=float, default=0.7,
+                   help="summarizer temperature (released: 0.7, with top_p 0.8 and top_k 20)")
     p.add_argument("--rc-reason-tokens", type=int, default=-1, help="budget of each RC reasoning turn; -1 = "
-                   "--max-new-tokens")
+                   "--reason-tokens")
     # ---- efficiency
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="compute precision; auto = bf16 "
                    "on CUDA, fp32 on CPU. Weights and AdamW state stay fp32 (lr 1e-6 updates vanish in bf16)")
@@ -249,9 +254,9 @@ def parse_args(argv=None):
         if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
             raise common.InputError(f"--{name.replace('_', '-')} {value}: must be a finite number "
                                     f"{'> 0' if name == 'lr' else '>= 0'}")
-    for name in ("problems_per_step", "max_steps", "ppo_epochs", "pack_tokens", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise common.InputError(f"--{name.replace('_', '-')} must be >= 1")
+    for flag in ("--problems-per-step", "--max-steps", "--ppo-epochs", "--pack-tokens", "--reason-tokens"):
+        if getattr(args, "max_new_tokens" if flag == "--reason-tokens" else flag[2:].replace("-", "_")) < 1:
+            raise common.InputError(f"{flag} must be >= 1")
     if args.samples_per_problem < 2:
         raise common.InputError("--samples-per-problem must be >= 2: the advantage is reward - group mean")
     if args.max_lag < 0:
@@ -317,21 +322,14 @@ def load_problems(args):
 
 def drop_stale(groups, step, max_lag):
     """(fresh, stale): a group made by policy version v is stale at `step` when step - v > max_lag."""
-    return ([g for g in groups if step - g["version"] <= max_lag],
-            [g for g in groups if step - g["version"] > max_lag])
+    return ([g for g in groups if step - g.version <= max_lag],
+            [g for g in groups if step - g.version > max_lag])
 
 
 def filter_groups(groups, tol=1e-6):
     """(kept, dropped): a group whose rewards all lie within `tol` has zero advantage everywhere."""
-    flat = [max(g["rewards"]) - min(g["rewards"]) <= tol for g in groups]
+    flat = [max(g.rewards) - min(g.rewards) <= tol for g in groups]
     return [g for g, f in zip(groups, flat) if not f], [g for g, f in zip(groups, flat) if f]
-
-
-def sample_rc_states(trace, k, rng):
-    """k distinct states of one RC trajectory (None = no summary, then S1, S2, ...), fewer if it has
-    fewer (a failed turn ends its states), in turn order."""
-    states = trace["states"]
-    return [states[i] for i in sorted(rng.sample(range(len(states)), min(k, len(states))))]
 
 
 def sequence_weights(lengths, agg, nominal_sequences):
@@ -355,13 +353,20 @@ class Rollouts:
     """Makes batches in a thread. Batch c may start once granted: the trainer starts with 1 + max_lag
     grants and adds one per finished step and per extra fill batch, so with --max-lag 0 every batch is
     generated by the newest weights. `version` = the trainer step whose weights the engine holds; each
-    group records it. `lock` guards the engine: the producer holds it while generating, the trainer
-    while it swaps weights (and, with colocated vLLM, while it trains)."""
+    group records it. `lock` guards the engine: the producer holds it while generating (engine()), the
+    trainer while it swaps weights (and, with colocated vLLM, while it trains).
 
-    def __init__(self, make_batch, first_batch, max_lag, version):
-        self.make_batch, self.next_batch, self.version = make_batch, first_batch, version
+    A checkpoint after step s keeps the batches made but not yet trained on (in_flight): with --max-lag
+    L >= 1 some were generated by weights older than the checkpoint's, so a resume could not make them
+    again; it starts with them in `ready` and makes the rest, as the uninterrupted run does."""
+
+    def __init__(self, make_batch, first_batch, max_lag, version, ready=()):
+        self.make_batch, self.version = make_batch, version
+        self.ready = deque(ready)  # made, not yet taken: Batch (or the producer's exception)
+        self.next_batch = first_batch + len(self.ready)
         self.allowed = first_batch + 1 + max_lag
-        self.q, self.cond, self.lock, self.stopped = queue.Queue(), threading.Condition(), threading.Lock(), False
+        self.busy = None  # the version the batch being generated was started with; None between batches
+        self.cond, self.lock, self.stopped = threading.Condition(), threading.Lock(), False
         self.thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
         self.thread.start()
 
@@ -373,9 +378,23 @@ class Rollouts:
                     if self.stopped:
                         return
                     index, self.next_batch = self.next_batch, self.next_batch + 1
-                self.q.put(self.make_batch(index, self))
+                self._put(self.make_batch(index, self))
         except BaseException as e:  # handed to the trainer, which saves a checkpoint and stops
-            self.q.put(e)
+            self._put(e)
+
+    def _put(self, item):
+        with self.cond:
+            self.ready.append(item)
+            self.busy = None
+            self.cond.notify_all()
+
+    @contextlib.contextmanager
+    def engine(self):
+        """Holds the engine for one batch; yields the policy version it generates with (fixed meanwhile)."""
+        with self.lock:
+            with self.cond:
+                self.busy = self.version
+            yield self.version
 
     def grant(self, n=1):
         with self.cond:
@@ -383,129 +402,26 @@ class Rollouts:
             self.cond.notify_all()
 
     def get(self):
-        item = self.q.get()
+        with self.cond:
+            self.cond.wait_for(lambda: self.ready)
+            item = self.ready.popleft()
         if isinstance(item, BaseException):
             raise RuntimeError(f"rollout generation failed: {item!r}") from item
         return item
+
+    def in_flight(self, version):
+        """The batches made and not yet taken, for a checkpoint whose weights are `version`. Waits for a
+        batch being generated by older weights; one started with these is left out (a resume makes it
+        again, identically: the sampling seeds follow the batch index)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.busy is None or self.busy >= version)
+            return [b for b in self.ready if isinstance(b, Batch)]
 
     def stop(self):
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
         self.thread.join(timeout=600)
-
-
-def build_batch(index, ro, *, args, problems, engine, summarizer, snapshot, tokenizer, task_prompt, rewards):
-    """One batch of groups (RC states first if --rc-turns), with sampling log-probs; grading started."""
-    from rc_decode import Sampling, direct_messages, reasoning_messages, run_rc
-
-    rows = common.epoch_rows(len(problems), args.seed, index * args.problems_per_step, args.problems_per_step)
-    seed, n = args.seed * 1_000_003 + index * 7919, args.samples_per_problem
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=seed)
-    t0 = time.time()
-    with ro.lock:
-        version, specs = ro.version, [(r, None) for r in rows]  # (row, summary state) per group
-        if args.rc_turns > 0:
-            traces = run_rc([problems[r]["problem"] for r in rows], engine, summarizer=summarizer or engine,
-                            turns=args.rc_turns, progress=False, final_summary=True,  # states S1..S_turns
-                            task_prompt=task_prompt,
-                            reason_sampling=Sampling(args.rc_reason_tokens, args.temperature, args.top_p,
-                                                     args.top_k, seed=seed + 1),
-                            summary_sampling=Sampling(args.rc_summary_tokens, args.rc_summary_temperature, 0.8, 20,
-                                                      seed=seed + 2))
-            rng = random.Random(seed)
-            specs = [(r, s) for r, tr in zip(rows, traces) for s in sample_rc_states(tr, args.rc_states_per_problem, rng)]
-        t_rc = time.time() - t0
-        prompts = []
-        for r, state in specs:  # every RC state, the empty one too, uses the RC prompt (state None: its marker)
-            p = problems[r]["problem"]
-            if args.rc_turns:
-                msgs = reasoning_messages(p, summary=state, task_prompt=task_prompt)
-            elif task_prompt is None:
-                msgs = [{"role": "user", "content": p}]
-            else:
-                msgs = direct_messages(p, task_prompt)
-            prompts += [msgs] * n
-        comps = engine.generate(prompts, sampling, thinking=True)
-        groups = []
-        for gi, (r, state) in enumerate(specs):
-            samples = []
-            for c in comps[gi * n:(gi + 1) * n]:
-                if c.finish_reason != "error" and (c.token_ids is None or c.prompt_token_ids is None):
-                    raise RuntimeError("the engine returned no token ids; rl.py trains on the sampled tokens "
-                                       "(the openai engine must pass vLLM's return_token_ids)")
-                samples.append({"prompt_ids": list(c.prompt_token_ids or []), "completion_ids": list(c.token_ids or []),
-                                "text": c.text, "old_logp": c.logprobs, "finish_reason": c.finish_reason})
-            groups.append({"row": r, "state": state, "version": version, "samples": samples,
-                           "failed": any(s["finish_reason"] == "error" for s in samples)})
-        need = [s for g in groups if not g["failed"] for s in g["samples"] if s["old_logp"] is None]
-        if need and snapshot is None:
-            raise RuntimeError("the engine returned no log-probs for the importance ratio; use --engine hf or an "
-                               "engine that reports them")
-        if need:  # exact sampling log-probs from the very weights that generated
-            for s, lp in zip(need, sequence_logprobs(*snapshot, need, args.logp_temperature,
-                                                     tokenizer.pad_token_id, args.pack_tokens)):
-                s["old_logp"] = lp
-    batch = {"index": index, "version": version, "groups": groups, "rc_s": t_rc, "gen_s": time.time() - t0 - t_rc,
-             "gen_tokens": sum(len(s["completion_ids"]) for g in groups for s in g["samples"])}
-    batch["grading"] = rewards.start([g for g in groups if not g["failed"]])  # runs while the next batch generates
-    return batch
-
-
-class Rewards:
-    """The rollouts' rewards from the grader --reward names (judge.from_args: the LLM judge, math-verify,
-    or any grader of judge.GRADERS). start() submits a batch's groups (a judge grades in the background;
-    rewards a grader gives at once are filled in right away), finish() fills in the rewards; failed items
-    are re-graded --group-retries times, then --judge-failures applies."""
-
-    def __init__(self, kind, problems, args):
-        self.problems, self.args = problems, args
-        self.grader = judge.from_args(args, kind, cache_path=os.path.join(args.output_dir, "judge_cache.sqlite"))
-
-    def items(self, g):
-        p = self.problems[g["row"]]
-        return [dict(p, proof=s["text"], reference=p["answer"]) for s in g["samples"]]
-
-    def start(self, groups):
-        future = self.grader.submit([it for g in groups for it in self.items(g)])
-        if future.done() and not any(x.error for x in future.result()):
-            n = self.args.samples_per_problem
-            for gi, g in enumerate(groups):
-                self._set(g, future.result()[gi * n:(gi + 1) * n])
-        return {"groups": groups, "t0": time.time(), "future": future}
-
-    @staticmethod
-    def _set(g, gs):
-        g["rewards"] = [0.0 if x.error else float(x.reward) for x in gs]
-        g["scores"] = [x.score or 0 for x in gs]
-
-    def finish(self, grading, stats):
-        """Fill in the grader's rewards. A grade still failed after --group-retries: reward 0 and trained
-        (--judge-failures zero, as released; counted in judge_failures), or its whole group is marked
-        failed and skipped (--judge-failures skip; counted in groups_failed)."""
-        if grading is None:
-            return
-        t0 = time.time()
-        grades, n = grading["future"].result(), self.args.samples_per_problem
-        for gi, g in enumerate(grading["groups"]):
-            gs = grades[gi * n:(gi + 1) * n]
-            for _ in range(self.args.group_retries):
-                bad = [i for i, x in enumerate(gs) if x.error]
-                if not bad:
-                    break
-                stats["judge_regraded"] += len(bad)
-                for i, x in zip(bad, self.grader.grade([self.items(g)[i] for i in bad])):
-                    gs[i] = x
-            fresh = [x for x in gs if not x.cached and not x.truncated]
-            stats["judge_calls"] += len(fresh)
-            stats["judge_latency_s"] += sum(x.latency_s for x in fresh)
-            stats["judge_failures"] += sum(1 for x in gs if x.error)
-            stats["judge_parse_failed"] += sum(1 for x in gs if x.parse_failed)
-            if any(x.error for x in gs) and self.args.judge_failures == "skip":
-                g["failed"] = True
-                continue
-            self._set(g, gs)
-        stats["grade_wait_s"] += time.time() - t0
 
 
 # The worker extension of old server command lines (--worker-extension-cls rl.VLLMServerSync); it imports
@@ -533,12 +449,13 @@ def collect(step, ro, rewards, args, target_groups, stats):
         t0 = time.time()
         batch = ro.get()
         stats["wait_s"] += time.time() - t0
-        for k in ("gen_s", "rc_s", "gen_tokens"):
-            stats[k] += batch[k]
-        rewards.finish(batch["grading"], stats)
-        ok = [g for g in batch["groups"] if not g["failed"]]
-        stats["groups_total"] += len(batch["groups"])
-        stats["groups_failed"] += len(batch["groups"]) - len(ok)
+        stats["gen_s"] += batch.gen_s
+        stats["rc_s"] += batch.rc_s
+        stats["gen_tokens"] += batch.gen_tokens
+        rewards.finish(batch.grading, stats)
+        ok = [g for g in batch.groups if not g.failed]
+        stats["groups_total"] += len(batch.groups)
+        stats["groups_failed"] += len(batch.groups) - len(ok)
         fresh, stale = drop_stale(ok, step, args.max_lag)
         stats["groups_stale"] += len(stale)
         kept, flat = filter_groups(fresh, args.reward_tol)
@@ -547,10 +464,10 @@ def collect(step, ro, rewards, args, target_groups, stats):
             kept = fresh
         groups, graded = groups + kept, graded + fresh
         for g in fresh:
-            stats["lag_sum"] += step - g["version"]
-            stats["lag_max"] = max(stats["lag_max"], step - g["version"])
+            stats["lag_sum"] += step - g.version
+            stats["lag_max"] = max(stats["lag_max"], step - g.version)
         if not args.fill_batch or len(groups) >= target_groups or fills >= args.max_fill_batches:
-            return groups[:target_groups], graded, batch["index"] + 1
+            return groups[:target_groups], graded, batch.index + 1
         fills += 1
         stats["fill_batches"] += 1
         ro.grant(1)  # the extra batch replaces the one just used
@@ -562,31 +479,30 @@ def training_sequences(groups, args, nominal, world_size):
 
     if not groups:
         return []
-    rewards = torch.tensor([x for g in groups for x in g["rewards"]], dtype=torch.float32)
+    rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
     adv = group_advantages(rewards, args.samples_per_problem, scale_by_std=args.adv_std).tolist()
-    samples = [s for g in groups for s in g["samples"]]
-    weights = sequence_weights([len(s["completion_ids"]) for s in samples], args.agg, nominal)
+    samples = [s for g in groups for s in g.samples]
+    weights = sequence_weights([len(s.completion_ids) for s in samples], args.agg, nominal)
     out = []
     for s, a, w in zip(samples, adv, weights):
-        if len(s["old_logp"]) != len(s["completion_ids"]):
-            raise RuntimeError(f"the engine gave {len(s['old_logp'])} log-probs for {len(s['completion_ids'])} tokens")
+        if len(s.old_logp) != len(s.completion_ids):
+            raise RuntimeError(f"the engine gave {len(s.old_logp)} log-probs for {len(s.completion_ids)} tokens")
         # FSDP averages gradients over ranks; the weights already normalize globally, so undo the mean
-        out.append({"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"], "old_logp": s["old_logp"],
-                    "advantage": a, "weight": w * world_size,
-                    "num_tokens": len(s["prompt_ids"]) + len(s["completion_ids"])})
+        out.append({"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "old_logp": s.old_logp,
+                    "advantage": a, "weight": w * world_size, "num_tokens": len(s.prompt_ids) + len(s.completion_ids)})
     return out
 
 
 def step_metrics(graded, stats):
     """Rewards/scores/lengths over every graded group of the step (flat ones included)."""
-    samples = [s for g in graded for s in g["samples"]]
-    rewards, scores = [x for g in graded for x in g["rewards"]], [x for g in graded for x in g["scores"]]
-    lens, n = [len(s["completion_ids"]) for s in samples], max(1, len(samples))
+    samples = [s for g in graded for s in g.samples]
+    rewards, scores = [x for g in graded for x in g.rewards], [x for g in graded for x in g.scores]
+    lens, n = [len(s.completion_ids) for s in samples], max(1, len(samples))
     return {"reward_mean": sum(rewards) / n, "solve_rate": sum(1 for x in scores if x == 7) / n,
             "score_hist": [scores.count(k) for k in range(8)], "response_len_mean": sum(lens) / n,
             "response_len_max": max(lens, default=0),
-            "truncation_rate": sum(1 for s in samples if s["finish_reason"] == "length") / n,
-            "no_think_end_rate": sum(1 for s in samples if "</think>" not in s["text"]) / n,
+            "truncation_rate": sum(1 for s in samples if s.finish_reason == "length") / n,
+            "no_think_end_rate": sum(1 for s in samples if "</think>" not in s.text) / n,
             **{k: v for k, v in stats.items() if k not in ("lag_sum", "judge_latency_s")},
             "policy_lag_mean": stats["lag_sum"] / max(1, len(graded)),
             "judge_latency_mean_s": stats["judge_latency_s"] / max(1, stats["judge_calls"])}
@@ -699,10 +615,11 @@ def setup(args):
     if args.engine != "hf" and args.logprob_probe_tol >= 0:  # before the producer's first batch
         check_sampler_logprobs(args, run.engine, policy, run.tap, tokenizer, rank, world_size)
     if rank == 0:
+        ready = load_in_flight(ckpt, run.rewards) if ckpt else []
         run.ro = Rollouts(lambda i, r: build_batch(i, r, args=args, problems=run.problems, engine=run.engine,
                                                    summarizer=summarizer, snapshot=snapshot, tokenizer=tokenizer,
                                                    task_prompt=task_prompt, rewards=run.rewards),
-                          run.state["next_batch"], args.max_lag, run.state["step"])
+                          run.state["next_batch"], args.max_lag, run.state["step"], ready)
     print0(f"rl: {args.max_steps} steps x {nominal} rollouts | engine {args.engine} | {world_size} process(es) | "
            f"lr {args.lr} | max lag {args.max_lag} | {args.output_dir}")
     return run
@@ -783,14 +700,18 @@ def log_step(run, step, groups, graded, train, gnorm, stats, timing):
         run.wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=step)
     for g in groups[:args.log_rollouts]:
         common.append_jsonl(os.path.join(args.output_dir, "rollouts.jsonl"), {
-            "step": step, "problem": run.problems[g["row"]]["problem"], "state": g["state"],
-            "completion": g["samples"][0]["text"], "reward": g["rewards"][0]})
+            "step": step, "problem": run.problems[g.row]["problem"], "state": g.state,
+            "completion": g.samples[0].text, "reward": g.rewards[0]})
     print_step(m, args, stats)
 
 
 def save(run, name, resumable=True):
+    """A checkpoint; a resumable one also keeps (rank 0) the batches generated and not yet trained on."""
+    extra = None
+    if resumable and run.rank == 0:
+        extra = {IN_FLIGHT: [b.to_json() for b in run.ro.in_flight(run.state["step"])]}
     save_checkpoint(os.path.join(run.args.output_dir, name), run.policy, run.tokenizer, run.opt, run.state, run.args,
-                    run.rank, run.world_size, resumable=resumable)
+                    run.rank, run.world_size, resumable=resumable, extra=extra)
 
 
 def any_rank(flag, run):

@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="sdpa | eager | flash_attention_2 (varlen: the fast way to pack long rows on GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each decoder layer in the backward pass (needed for 45k-token rows)")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto = cuda when torch sees a GPU, else cpu")
     # ---- data
     p.add_argument("--data", default="lm-provers/FineProofs-SFT", help="hub id or local .jsonl/.json/.parquet")
     p.add_argument("--data-config", default="default", help="hub dataset config ('default' = 4.3k unique problems)")
@@ -121,11 +122,11 @@ def check_args(args, world_size):
         v = getattr(args, name)
         if not (math.isfinite(v) and lo <= v <= hi) or (name == "lr" and v == 0):
             raise common.InputError(f"--{name.replace('_', '-')} {v}: must be a finite number in "
-                                    f"{'(0' if name == 'lr' else f'[{lo:g}'}, {hi:g}]")
+                                    f"{'(' if name == 'lr' else '['}{lo:g}, {hi:g}{')' if hi == math.inf else ']'}")
     if args.val_rows < 0:
         raise common.InputError(f"--val-rows {args.val_rows}: must be >= 0 (0 = no validation split)")
     if args.global_batch_size % (args.micro_batch_size * world_size):
-        raise ValueError(f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
+        raise common.InputError(f"--global-batch-size {args.global_batch_size} must be a multiple of --micro-batch-size "
                          f"{args.micro_batch_size} x {world_size} processes; change one of them")
     if (args.load_in_4bit or args.merge_lora) and args.lora_r <= 0:
         raise ValueError("--load-in-4bit and --merge-lora are LoRA options: also pass --lora-r (e.g. 64)")
@@ -452,10 +453,7 @@ def load_policy(args, rank, world_size, device):
         if rank == 0:
             common.make_tiny_model()
         barrier(world_size)
-    try:
-        tokenizer = common.load_tokenizer(args.tokenizer or args.model)
-    except ValueError as e:
-        raise ValueError(f"{e} (flag --tokenizer)") from None
+    tokenizer = common.load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
     model, trainable, compute_dtype = build_model(args, device, world_size)
     common.check_tokenizer_matches(tokenizer, model.causal_lm(), args.tokenizer or args.model)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
@@ -504,7 +502,7 @@ def validation_loss(model, val, args, rank, world_size, device, autocast, pad_id
     return all_sum(loss, world_size, device) / total
 
 
-def train(args):
+def main(args):
     """Run SFT with parsed `args`; returns dict(model=the trained CausalLMLoss, history=step records)."""
     rank, _, world_size, device = common.compute_init(args.device)
     check_args(args, world_size)
@@ -628,6 +626,6 @@ def _train(args, rank, world_size, device, stop):
 
 if __name__ == "__main__":
     try:
-        common.cli(lambda: train(parse_args()))
+        common.cli(lambda: main(parse_args()))
     finally:
         common.compute_cleanup()

@@ -46,6 +46,7 @@ def _last_per_key(rows, keep=lambda r: True):
     """{(id, sample): record}, the last line per key winning (as eval.py reads them)."""
     out = {}
     for r in rows:
+        # a record failing keep() (an error) only fills an empty slot: it never hides a retry that succeeded
         if keep(r) or (r["id"], r["sample"]) not in out:
             out[(r["id"], r["sample"])] = r
     return out
@@ -170,7 +171,7 @@ class _JudgeInputs:
             why = self.error or self.run["notice"] or f"grader {self.grader!r} unknown"
             return dict(text="", source=f"not shown: the judge's input cannot be rebuilt ({why})")
         item = {f: problem.get(f) for f in ("problem", "rubric", "reference", "answer")}
-        try:
+        try:  # the judge's own request builder: the same proof cut, prompt fill and cache key as when it graded
             job = self.judge._job(0, dict(item, proof=completion))
         except ValueError as e:
             return dict(text="", source=f"not shown: {e}")
@@ -198,7 +199,7 @@ def _turn_view(t):
             "summary_tokens", "summary_finish_reason", "summary_error", "round", "parent", "score", "proof")
     v = {k: t[k] for k in keep if t.get(k) is not None}
     prompt = t.get("prompt")
-    if isinstance(prompt, list) and prompt:
+    if isinstance(prompt, list) and prompt:  # chat messages: the last one is the turn's own prompt
         v["prompt"] = str(prompt[-1].get("content", ""))
     for ver in t.get("verifications") or []:
         thinking = common.split_thinking(ver.get("completion") or "")[0]
@@ -238,6 +239,7 @@ def json_for_script(obj):
 
 
 def _num(x):
+    # summary.json writes NaN for a subset with no graded sample yet: shown as "-", never as 0
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
@@ -250,6 +252,7 @@ def _cell_avg(row):
 
 
 def _chip(sample_score, flags):
+    # class s0..s7 colours the chip (CSS below); flag letters follow the score: a truncated 0 reads "0T"
     letters = "".join(FLAGS[f][0] for f in flags if f != "missing")
     if "missing" in flags and sample_score is None:
         cls, txt = "chip miss", "-"
@@ -288,6 +291,7 @@ def write_html(path, runs, title):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     out = [_page_head(runs, title, stamp), _score_table(runs, subsets, compare), _filters(runs, subsets, compare),
            _problem_rows(runs, ids, by_id, subsets, compare)]
+    # toggle, id, subsets, flags; (mean, samples) per run; a delta per later run: the detail row's colspan
     ncols = 4 + 2 * len(runs) + len(runs) - 1
     meta = dict(runs=[dict(name=r["name"], n=r["n"], title=r["title"], grader=r["grader"],
                            scaffold=r["args"].get("scaffold")) for r in runs], ncols=ncols, compare=compare)
@@ -409,11 +413,13 @@ def _problem_rows(runs, ids, by_id, subsets, compare):
                 fl = sample_flags(r["gens"].get((pid, k)), r["grades"].get((pid, k)))
                 flags.update(fl)
                 g = r["grades"].get((pid, k))
+                # ungraded (error): no score on the chip; a parse failure (score None, no error) counts 0
                 chips.append(_chip(None if g is None or g.get("error") else (g.get("score") or 0), fl))
             cells.append(f'<td class="num">{_fmt(mean, 2)}</td><td>{"".join(chips) if pid in d else "absent"}</td>')
         deltas = [None if m is None or means[0] is None else m - means[0] for m in means[1:]]
         dcells = "".join(f'<td class="num {_dcls(x)}">{"-" if x is None else f"{x:+.2f}"}</td>' for x in deltas)
         flag_txt = " ".join(sorted(flags))
+        # the filters read these data-* attributes, so filtering never parses a problem's JSON block
         out.append(f'<tr class="prob" data-i="{i}" data-subsets="{e("|".join(names))}" '
                    f'data-mean="{"" if means[0] is None else means[0]}" data-flags="{flag_txt}" '
                    f'data-deltas="{",".join("" if x is None else f"{x:.4f}" for x in deltas)}">'
@@ -458,7 +464,7 @@ def refresh(run_dir, problems=None, breakdowns=None, grader=None, announce=False
 
 
 def _benchmark_key(args):
-    b = args.get("benchmark", "")
+    b = args.get("benchmark", "")  # a named benchmark by its name, a file by its normalized path
     return (b if b in _benchmarks() else os.path.normpath(b), args.get("split", "train"), args.get("config", ""))
 
 
@@ -495,6 +501,7 @@ def compare(dirs, out_dir=""):
         if c["missing"] or c["ungraded"]:
             print(f"compare: {r['dir']} is incomplete ({c['missing']} missing, {c['ungraded']} ungraded)",
                   file=sys.stderr, flush=True)
+    # a delta means something only on a problem every run has: the other problems stay in each run's table
     common_ids = [p["id"] for p in runs[0]["problems"] if all(p["id"] in r["summary"]["per_problem"] for r in runs)]
     if any(len(r["problems"]) != len(common_ids) for r in runs):
         print(f"compare: the folders hold different problems; per-problem deltas use the {len(common_ids)} "

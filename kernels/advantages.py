@@ -24,6 +24,7 @@ def _group_advantages_kernel(r_ptr, out_ptr, G, eps, SCALE_BY_STD: tl.constexpr,
     grp = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     inb = offs < G
+    # (BLOCK_G,) with BLOCK_G = next_pow2(G): lanes past G load 0, so they add nothing to the sum
     r = tl.load(r_ptr + grp * G + offs, mask=inb, other=0.0).to(tl.float32)
     total = tl.sum(r, axis=0)
     mean = total / G
@@ -32,6 +33,7 @@ def _group_advantages_kernel(r_ptr, out_ptr, G, eps, SCALE_BY_STD: tl.constexpr,
     else:
         adv = r - mean
     if SCALE_BY_STD:
+        # a padded lane holds r = 0, i.e. a deviation of -mean: masked, or it would inflate the std
         dev = tl.where(inb, r - mean, 0.0)
         std = tl.sqrt(tl.sum(dev * dev, axis=0) / (G - 1))
         adv = adv / (std + eps)
@@ -56,6 +58,7 @@ def _broadcast_advantages_kernel(adv_ptr, cu_ptr, mask_ptr, out_ptr, T, S, n_ste
         hi = tl.where(active & (c > t), mid, hi)
     start = tl.load(cu_ptr + lo, mask=inb, other=0).to(tl.int64)
     end = tl.load(cu_ptr + lo + 1, mask=inb, other=0).to(tl.int64)
+    # the search clamps to a real sequence; a token before cu[0] or after cu[S] (padding) is in none
     keep = inb & (t >= start) & (t < end) & (tl.load(mask_ptr + t, mask=inb, other=0) != 0)
     a = tl.load(adv_ptr + lo, mask=keep, other=0.0).to(tl.float32)
     tl.store(out_ptr + t, tl.where(keep, a, 0.0), mask=inb)
@@ -93,6 +96,7 @@ def group_advantages(rewards, group_size, *, scale_by_std=False, leave_one_out=F
 
 def group_advantages_reference(rewards, group_size, *, scale_by_std=False, leave_one_out=False,
                                eps=1e-6):
+    # float64 stays float64 (the tests' reference); bf16/fp16 rewards are averaged in float32, as the kernel does
     r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
     r = r.view(-1, group_size)                                    # (B/G, G)
     if leave_one_out:
@@ -144,7 +148,8 @@ def broadcast_advantages(advantages, cu_seqlens, completion_mask):
         return out
     if s == 0:
         return out.zero_()
-    block = 1024
+    block = 1024  # tokens per program: each lane's search is log2(S) loads, so a block is cheap at any S
+    # the bool mask goes in as its uint8 view: the same bytes, no conversion copy (the kernel tests != 0)
     _broadcast_advantages_kernel[(triton.cdiv(t_len, block),)](
         advantages, cu_seqlens, completion_mask.view(torch.uint8), out, t_len, s,
         max(1, s.bit_length()), BLOCK=block)
@@ -158,5 +163,6 @@ def broadcast_advantages_reference(advantages, cu_seqlens, completion_mask):
     t = torch.arange(t_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     seq = torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True)    # (T,) first end > t
     inside = (t >= cu_seqlens[0]) & (seq < s)
+    # (T,) gathered per token; seq == S (past the last sequence) is clamped only to index safely: masked below
     a = advantages.to(torch.float32)[seq.clamp(max=s - 1)]
     return torch.where(inside & completion_mask, a, torch.zeros((), device=a.device))

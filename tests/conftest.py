@@ -93,6 +93,20 @@ def engine(tiny_model_dir):
     return engines.make_engine("hf", tiny_model_dir, device="cpu", dtype=torch.float32)
 
 
+def http_reply(handler, code, data, headers=()):
+    """Answer the request of an http.server handler with status `code`, `headers` and the bytes `data`
+    (as a method: `reply = http_reply` in a handler class, then self.reply(code, data))."""
+    handler.send_response(code)
+    for k, v in dict(headers).items():
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    try:
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client timed out and left
+
+
 class FakeServer:
     """POST /v1/chat/completions. A "kind:name" word in the last message picks the behaviour: "ok", "rate" (429 with
     Retry-After: 1 once), "flaky" (503 twice), "slow" (first reply after 1.5 s), "garbage" (non-JSON
@@ -136,16 +150,7 @@ class FakeServer:
                     out["prompt_token_ids"] = [1, 2]
                 return self.reply(200, json.dumps(out).encode())
 
-            def reply(self, code, data, headers=()):
-                self.send_response(code)
-                for k, v in dict(headers).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
+            reply = http_reply
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.httpd.daemon_threads = True

@@ -587,8 +587,8 @@ def test_an_engine_added_to_engines_is_offered_by_every_stage(monkeypatch, tmp_p
     monkeypatch.setitem(R.ENGINES, "shout", ShoutEngine)
     assert "shout" in R.kinds() and "shout" not in R.kinds(trainable=True)  # no load_weights: not for rl.py
     out = tmp_path / "traces.jsonl"
-    rc_decode.main(["--engine", "shout", "--model", "m", "--device", "cpu", "--scaffold", "direct",
-                    "--problem", "prove that 1 + 1 = 2", "--output", str(out), "--no-progress"])
+    rc_decode.main(rc_decode.parse_args(["--engine", "shout", "--model", "m", "--device", "cpu", "--scaffold", "direct",
+                                         "--problem", "prove that 1 + 1 = 2", "--output", str(out), "--no-progress"]))
     (trace,) = common.read_jsonl(str(out))
     assert "PROVE THAT 1 + 1 = 2" in trace["final_completion"] and trace["id"] == "problem"
     import eval as ev

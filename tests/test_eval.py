@@ -15,6 +15,7 @@ import pytest
 import common
 import eval as ev
 from test_judge import FakeJudge
+from test_rc_decode import Scripted
 
 
 def test_avg_at_n_hand_built():
@@ -71,8 +72,8 @@ def test_columns_and_errors(tmp_path):
     with pytest.raises(ValueError, match="--grader 'no_such_judge'.*known prompts"):
         ev.load_benchmark(ev.TINY_DATA, grader="no_such_judge")
     with pytest.raises(ValueError, match="--task-prompt 'nope'.*not found"):  # before any model is loaded
-        ev.main(["--benchmark", ev.TINY_DATA, "--grader", "answer", "--task-prompt", "nope", "--model", "no-model",
-                 "--out-dir", str(tmp_path / "x")])
+        ev.main(ev.parse_args(["--benchmark", ev.TINY_DATA, "--grader", "answer", "--task-prompt", "nope",
+                               "--model", "no-model", "--out-dir", str(tmp_path / "x")]))
     # answer grading of one completion: the last \boxed{} after </think>
     assert ev.answer_grade("<think>5</think> so \\boxed{5}", "5", False)["score"] == 7
     assert ev.answer_grade("<think>5</think> so \\boxed{6}", "5", False)["score"] == 0
@@ -127,10 +128,10 @@ def test_sampling_defaults_of_the_released_run_scripts(monkeypatch):
     import rc_decode
 
     a = ev.parse_args([])
-    assert (a.temperature, a.top_p, a.top_k, a.max_tokens) == (0.8, 1.0, 0, 229376)
+    assert (a.temperature, a.top_p, a.top_k, a.reason_tokens) == (0.8, 1.0, 0, 229376)
     assert (a.summary_tokens, a.summary_temperature, a.verify_tokens, a.summarizer_model) == (229376, 0.8, 229376, "")
     for scaffold in ("direct", "verify-refine"):
-        assert ev.parse_args(["--scaffold", scaffold]).max_tokens == 229376
+        assert ev.parse_args(["--scaffold", scaffold]).reason_tokens == 229376
     card = ev.parse_args(["--temperature", "0.6", "--top-p", "0.95", "--max-tokens", "1000"])
     assert (card.temperature, card.top_p, card.summary_temperature, card.summary_tokens) == (0.6, 0.95, 0.6, 1000)
     sep = ev.parse_args(["--summarizer-model", "x", "--summary-tokens", "2048", "--summary-temperature", "0.7"])
@@ -138,18 +139,19 @@ def test_sampling_defaults_of_the_released_run_scripts(monkeypatch):
     # what the scaffolds are called with: the summarizer thinks with the turns' sampling, no final summary
     calls = {}
     monkeypatch.setattr(rc_decode, "run_rc", lambda problems, reasoner, **kw: calls.setdefault("rc", kw) and [])
-    monkeypatch.setattr(rc_decode, "run_direct", lambda problems, engine, s, **kw: calls.setdefault("direct", (s, kw)))
+    monkeypatch.setattr(rc_decode, "run_direct",
+                        lambda problems, engine, s, progress=True, **kw: calls.setdefault("direct", (s, kw)))
     monkeypatch.setattr(rc_decode, "run_verify_refine", lambda problems, engine, **kw: calls.setdefault("vr", kw))
     a.task_prompt = "answerbench"
-    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc_decode.run_scaffold(a, ["p"], None, seed=11)
     rc = calls["rc"]
     assert rc["reason_sampling"] == rc_decode.Sampling(229376, 0.8, 1.0, 0, 11) == rc["summary_sampling"]
     assert rc["final_summary"] is False and rc["summary_thinking"] is True and rc["task_prompt"] == "answerbench"
     a.scaffold = "direct"
-    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc_decode.run_scaffold(a, ["p"], None, seed=11)
     assert calls["direct"] == (rc_decode.Sampling(229376, 0.8, 1.0, 0, 11), {"task_prompt": "answerbench"})
     a.scaffold = "verify-refine"
-    ev.run_scaffold(a, {"model": None}, ["p"], 11)
+    rc_decode.run_scaffold(a, ["p"], None, seed=11)
     assert calls["vr"]["proof_sampling"] == calls["vr"]["verify_sampling"] == rc_decode.Sampling(229376, 0.8, 1.0, 0, 11)
     assert (calls["vr"]["n_proofs"], calls["vr"]["n_verify"], calls["vr"]["rounds"]) == (4, 4, 2)
 
@@ -163,7 +165,7 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     base = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "3", "--max-tokens", "8",
             "--chunk-size", "2"]
     argv = base + ["--n", "1"]
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     for f in ("generations.jsonl", "grades.jsonl", "summary.json", "report.md", "scores.png", "args.json"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     gens, grades = common.read_jsonl(f"{out}/generations.jsonl"), common.read_jsonl(f"{out}/grades.jsonl")
@@ -183,20 +185,20 @@ def test_tiny_preset_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     mean = 100 * sum(g["score"] for g in grades) / 7 / len(grades)
     assert summary["table"][0]["avg"] == pytest.approx(mean) and summary["counts"]["graded"] == 3
     assert summary["counts"]["truncated"] == 3 and all(g["truncated"] and g["score"] == 0 for g in grades)
-    assert json.load(open(f"{out}/args.json"))["max_tokens"] == 8
+    assert json.load(open(f"{out}/args.json"))["reason_tokens"] == 8
     assert "avg@1 (std)" in capsys.readouterr().out
 
     # rerun: nothing regenerated or regraded; a larger --n adds exactly the new samples
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     assert _lines(f"{out}/generations.jsonl") == 3 and _lines(f"{out}/grades.jsonl") == 3
     gens1 = common.read_jsonl(f"{out}/generations.jsonl")
-    assert ev.main(base + ["--n", "2"]) == 0
+    assert ev.main(ev.parse_args(base + ["--n", "2"])) == 0
     gens = common.read_jsonl(f"{out}/generations.jsonl")
     assert len(gens) == 6 and gens[:3] == gens1
     assert sorted({r["sample"] for r in gens[3:]}) == [1] and _lines(f"{out}/grades.jsonl") == 6
     # a different setting into the same folder is refused, naming the flag
     with pytest.raises(ValueError, match="--temperature 0.8"):
-        ev.main(argv + ["--temperature", "1.0"])
+        ev.main(ev.parse_args(argv + ["--temperature", "1.0"]))
 
 
 def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
@@ -212,7 +214,7 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
                 "--benchmark", str(data), "--scaffold", "direct", "--n", "2", "--max-tokens", "8",
                 "--allow-no-think", "--out-dir", out, "--judge-base-url", srv.url, "--judge-model", "fake",
                 "--judge-max-retries", "1", "--judge-concurrency", "2", "--judge-backoff", "0.01"]
-        assert ev.main(argv) == 1  # incomplete: p2's grades failed
+        assert ev.main(ev.parse_args(argv)) == 1  # incomplete: p2's grades failed
         s = json.load(open(f"{out}/summary.json"))
         assert s["counts"]["ungraded"] == 2 and s["grader"] == "marking_scheme"
         assert s["table"][0]["runs"] == pytest.approx([100 * 10 / 14] * 2)  # p0=7, p1=3; p2 left out
@@ -223,7 +225,7 @@ def test_judged_benchmark_resume(tiny_model_dir, tmp_path):
         n_before, gens_before = len(srv.requests()), common.read_jsonl(f"{out}/generations.jsonl")
 
         srv.script["p2"] = ["ok:0"]  # the judge is back
-        assert ev.main(argv) == 0
+        assert ev.main(ev.parse_args(argv)) == 0
         assert common.read_jsonl(f"{out}/generations.jsonl") == gens_before  # nothing regenerated
         assert [e["pid"] for e in srv.requests()[n_before:]] == ["p2", "p2"]  # only the ungraded ones
         assert _lines(f"{out}/grades.jsonl") == 6 + 2  # and only they got a new grade line
@@ -248,17 +250,17 @@ def test_grades_are_keyed_by_content(tiny_model_dir, tmp_path):
         argv = ["--model", tiny_model_dir, "--engine", "hf", "--device", "cpu", "--dtype", "float32",
                 "--benchmark", str(data), "--scaffold", "direct", "--n", "1", "--max-tokens", "8", "--allow-no-think",
                 "--out-dir", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
-        assert ev.main(argv + ["--judge-model", "m1"]) == 0
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m1"])) == 0
         gens = common.read_jsonl(f"{out}/generations.jsonl")
-        assert ev.main(argv + ["--judge-model", "m1"]) == 0 and len(srv.requests()) == 2  # nothing to do
-        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m1"])) == 0 and len(srv.requests()) == 2  # nothing to do
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m2"])) == 0
         assert len(srv.requests()) == 4 and {e["body"]["model"] for e in srv.requests()[2:]} == {"m2"}
         assert common.read_jsonl(f"{out}/generations.jsonl") == gens  # nothing regenerated
         s = json.load(open(f"{out}/summary.json"))
         assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 5) / 14)  # m2's grades, not m1's
         rows[1]["rubric"] = "7 for a complete proof; 0 otherwise."
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert ev.main(argv + ["--judge-model", "m2"]) == 0
+        assert ev.main(ev.parse_args(argv + ["--judge-model", "m2"])) == 0
         assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]
         s = json.load(open(f"{out}/summary.json"))
         assert s["table"][0]["avg"] == pytest.approx(100 * (2 + 6) / 14)
@@ -310,9 +312,9 @@ def test_answerbench_judged_thinking_2507_completions(tmp_path, monkeypatch):
     srv = FakeJudge({"a0": ["text:Both are 5.\n\\boxed{Correct}"], "a2": ["text:\\boxed{Incorrect}"]})
     try:
         out = str(tmp_path / "run")
-        assert ev.main(["--model", "scripted", "--benchmark", str(data), "--scaffold", "direct", "--n", "1",
-                        "--out-dir", out, "--judge-base-url", srv.url, "--judge-model", "fake",
-                        "--judge-backoff", "0.01"]) == 0
+        assert ev.main(ev.parse_args(["--model", "scripted", "--benchmark", str(data), "--scaffold", "direct",
+                                      "--n", "1", "--out-dir", out, "--judge-base-url", srv.url,
+                                      "--judge-model", "fake", "--judge-backoff", "0.01"])) == 0
         s = json.load(open(f"{out}/summary.json"))
     finally:
         srv.close()
@@ -351,11 +353,11 @@ def test_resume_refuses_another_seed_or_dtype(tiny_model_dir, tmp_path):
     out = str(tmp_path / "run")
     argv = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "1", "--n", "1",
             "--max-tokens", "4"]
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     for flag, value in (("--seed", "7"), ("--dtype", "bfloat16")):
         with pytest.raises(common.InputError, match=f"different settings \\({flag} "):
-            ev.main(argv + [flag, value])
-    assert ev.main(argv) == 0  # the same command still resumes
+            ev.main(ev.parse_args(argv + [flag, value]))
+    assert ev.main(ev.parse_args(argv)) == 0  # the same command still resumes
 
 
 def test_one_flag_vocabulary_old_spellings_still_parse():
@@ -367,7 +369,68 @@ def test_one_flag_vocabulary_old_spellings_still_parse():
     for new, old in (("--reason-tokens", "--reason-budget"), ("--summary-tokens", "--summary-budget"),
                      ("--verify-tokens", "--verify-budget")):
         a, b = (rc_decode.parse_args([flag, "7", "--problem", "p"]) for flag in (new, old))
-        assert vars(a) == vars(b) and a.reason_budget + a.summary_budget + a.verify_budget > 0
+        assert vars(a) == vars(b) and a.reason_tokens + a.summary_tokens + a.verify_tokens > 0
+
+
+SHARED = ["--turns", "2", "--reason-tokens", "8", "--summary-tokens", "4", "--verify-tokens", "5", "--temperature",
+          "0.7", "--top-p", "0.9", "--top-k", "3", "--seed", "5", "--n-proofs", "2", "--n-verify", "2",
+          "--refine-rounds", "1", "--task-prompt", "answerbench", "--model", "m", "--no-progress"]
+
+
+def _eval_argv(out, *extra):
+    return ["--benchmark", ev.TINY_DATA, "--grader", "answer", "--limit", "1", "--n", "1", "--output-dir", out,
+            *SHARED, *extra]
+
+
+@pytest.mark.parametrize("scaffold", ["rc", "direct", "verify-refine"])
+def test_eval_and_rc_decode_build_the_same_scaffold_calls(scaffold, tmp_path, monkeypatch):
+    """One flags-to-scaffold adapter: eval.py and rc_decode.py, given one problem and the same flags, send the
+    engine the same calls (messages, Sampling with its seed, thinking) in the same order."""
+    import rc_decode
+
+    problem = ev.load_benchmark(ev.TINY_DATA, grader="answer", limit=1)[0][0]["problem"]
+    by_stage = {}
+    for stage in ("eval", "rc_decode"):
+        fake = Scripted()
+        monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, _f=fake, **k: _f)
+        if stage == "eval":
+            assert ev.main(ev.parse_args(_eval_argv(str(tmp_path / "ev"), "--scaffold", scaffold))) == 0
+        else:
+            rc_decode.main(rc_decode.parse_args(["--problem", problem, "--scaffold", scaffold, *SHARED]))
+        by_stage[stage] = fake.calls
+    assert by_stage["eval"] == by_stage["rc_decode"] and len(by_stage["eval"]) == {"rc": 3, "direct": 1}.get(scaffold, 4)
+    seeds = [s.seed for _, s, _ in by_stage["eval"]]
+    assert seeds[0] == 5 and len(set(seeds)) == len(seeds)  # --seed, shifted per call of the scaffold
+
+
+def test_an_eval_folder_from_before_the_one_vocabulary_resumes(tmp_path, monkeypatch):
+    """An args.json written before eval.py shared rc_decode's flags (max_tokens, rounds; no summary top-p/top-k,
+    thinking, final summary or critiques: fixed then to today's defaults) resumes without regenerating, and a
+    changed setting is still refused by today's flag name."""
+    import rc_decode
+
+    fake = Scripted()
+    monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, **k: fake)
+    out = str(tmp_path / "old")
+    argv = _eval_argv(out, "--scaffold", "rc")
+    assert ev.main(ev.parse_args(argv)) == 0
+    n_calls = len(fake.calls)
+
+    path = os.path.join(out, "args.json")
+    before = json.load(open(path))  # made into the args.json the code before wrote
+    before["max_tokens"] = before.pop("reason_tokens")
+    before["rounds"] = before.pop("refine_rounds")
+    for k in ("summary_top_p", "summary_top_k", "summary_thinking", "final_summary", "n_critiques", "no_progress"):
+        del before[k]
+    for flag, value, was in (("--reason-tokens", "9", "--reason-tokens 8"), ("--summary-top-p", "0.5",
+                             "--summary-top-p 0.9"), ("--final-summary", None, "--final-summary False"),
+                             ("--refine-rounds", "3", "--refine-rounds 1")):
+        json.dump(before, open(path, "w"))
+        with pytest.raises(common.InputError, match=f"different settings \\({was}\\)"):
+            ev.main(ev.parse_args(argv + [flag] + ([value] if value else [])))
+    json.dump(before, open(path, "w"))
+    assert ev.main(ev.parse_args(argv)) == 0
+    assert len(fake.calls) == n_calls and _lines(os.path.join(out, "generations.jsonl")) == 1
 
 
 def test_limit_zero_is_refused_not_everything():
@@ -384,3 +447,18 @@ def test_a_numeric_problem_is_said(tmp_path, capsys):
     assert [p["problem"] for p in problems] == ["40", "41"]
     out = capsys.readouterr().out
     assert "row 0: the problem is a number (40); check --columns" in out and "row 1:" in out
+
+
+def test_samples_with_the_same_text_each_count(tmp_path, monkeypatch):
+    """Grades are keyed by the content graded, so two samples of a problem with the same completion share one
+    key; the summary took that key's grade line once and left the other sample out ("missing"), which made
+    the report's avg@n disagree with grades.jsonl (seen on the tiny task: 40.3 reported, 54.7 / 37.5 there)."""
+    import rc_decode
+
+    fake = Scripted()  # every completion is the same text
+    monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, **k: fake)
+    out = str(tmp_path / "same")
+    assert ev.main(ev.parse_args(_eval_argv(out, "--scaffold", "direct", "--limit", "2", "--n", "3"))) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["counts"]["graded"] == 6 and summary["counts"]["missing"] == 0
+    assert all(len(v["scores"]) == 3 and None not in v["scores"] for v in summary["per_problem"].values())

@@ -23,7 +23,7 @@ import pytest
 
 import common
 import judge
-from judge import Grade, Judge, answer_reward, grade_answer, parse_score, prepare_proof
+from judge import Grade, Judge, parse_score, prepare_proof
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,24 +236,6 @@ def test_non_heading_lines_are_kept(line):
     assert prepare_proof("</think>" + body, strip_self_eval=True) == body, line
 
 
-def test_grade_answer_and_reward():
-    assert grade_answer("so the answer is \\boxed{5}", "5")
-    assert not grade_answer("\\boxed{6}", "5")
-    assert not grade_answer("the answer is 5", "5")  # no \boxed{}
-    assert grade_answer("first \\boxed{3}, corrected: \\boxed{\\frac{1}{2}}", "0.5")  # last box
-    assert grade_answer("\\boxed{\\{1, 2\\}}", "\\{2, 1\\}")
-    assert grade_answer("\\boxed{n = 2}", "$2$")
-    assert not grade_answer("\\boxed{\\frac{1}{2", "1/2")  # unclosed box: cut off
-    assert answer_reward("<think>5</think> \\boxed{5}", "5") == 1.0
-    assert answer_reward("<think>5</think> \\boxed{4}", "5") == 0.0
-    assert answer_reward("<think>\\boxed{5} and then the budget ran out", "5") == 0.0  # truncated
-    # works off the main thread (math-verify's signal timeout only works on the main one)
-    out = []
-    t = threading.Thread(target=lambda: out.append(grade_answer("\\boxed{2^{10}}", "1024")))
-    t.start(), t.join()
-    assert out == [True]
-
-
 def test_rewards_and_prompt_errors(tmp_path):
     assert judge.score_to_reward(7) == 1.0 and judge.score_to_reward(None) == 0.0
     assert abs(judge.score_to_reward(3) - 3 / 7) < 1e-12
@@ -428,32 +410,6 @@ def test_judge_prompts_of_the_released_eval_and_rl():
     assert parse_score("Checkpoints 1 and 2 are earned.\n<points>5</points>") == 5
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so the answer is \\boxed{5}.", "5"),
-    ("first \\boxed{3}\nthen \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box
-    ("the solutions are \\boxed{1}, \\boxed{2} and \\boxed{4}", "1, 2, 4"),  # every box of that last line
-    ("\\boxed{x^{2}} done", "x^{2}"),
-    ("l1\nl2\nl3\nl4\nl5\nl6 no box at all", "...\nl2\nl3\nl4\nl5\nl6 no box at all"),  # the last five lines
-    ("short, no box", "short, no box"),
-])
-def test_final_answer_excerpt(text, expected):
-    assert judge.final_answer_excerpt(text) == expected
-
-
-@pytest.mark.parametrize("reply,expected", [
-    ("The answers agree.\n\\boxed{Correct}", True),
-    ("\\boxed{Incorrect}", False),
-    ("<thinking>they differ</thinking>\n\\boxed{\\text{Incorrect}}", False),
-    ("**\\boxed{ correct }**", True),
-    ("first \\boxed{Correct}, on reflection \\boxed{Incorrect}", False),  # the last box counts
-    ("the gold answer is \\boxed{5}", None),  # a box that is no verdict
-    ("Correct", None),  # no box
-    ("", None),
-])
-def test_parse_correctness(reply, expected):
-    assert judge.parse_correctness(reply) is expected
-
-
 def test_answer_judge(fake):
     """IMO-AnswerBench's grader: the judge gets the problem, the gold answer and the response's final
     boxed answer (not the reasoning, not the rest of the answer); its last \\boxed{} verdict gives 7 or 0."""
@@ -488,8 +444,9 @@ def test_cli_strip_self_eval_flag(fake, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(dict(item("a"), proof=THINKING_2507)) + "\n")
     base = ["--input", str(inp), "--base-url", srv.url, "--model", "m", "--backoff", "0.01", "--cache", "none"]
-    assert judge.main(base + ["--output", str(out)]) == 0  # default: the RL reward keeps the self-evaluation
-    assert judge.main(base + ["--output", str(tmp_path / "out2.jsonl"), "--strip-self-eval"]) == 0
+    # default: the RL reward keeps the self-evaluation
+    assert judge.main(judge.parse_args(base + ["--output", str(out)])) == 0
+    assert judge.main(judge.parse_args(base + ["--output", str(tmp_path / "out2.jsonl"), "--strip-self-eval"])) == 0
     first, second = (e["body"]["messages"][0]["content"] for e in srv.requests("a"))
     assert "## Self Evaluation" in first and "Self Evaluation" not in second
     assert "correctness" in first  # the default prompt is rl_proof
@@ -498,7 +455,7 @@ def test_cli_strip_self_eval_flag(fake, tmp_path):
     inp.write_text(json.dumps(dict(item("a"), proof=THINKING_2507)) + "\n"
                    + json.dumps({"problem": "[[b]] p", "proof": "</think>\\boxed{1}"}) + "\n")
     with pytest.raises(ValueError, match=r"in.jsonl: row 1: .*prompt 'answerbench' uses \{answer\}"):
-        judge.main(base + ["--output", str(tmp_path / "out3.jsonl"), "--prompt", "answerbench"])
+        judge.main(judge.parse_args(base + ["--output", str(tmp_path / "out3.jsonl"), "--prompt", "answerbench"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,14 +534,14 @@ def test_cli_resume_is_keyed_by_content(fake, tmp_path):
     inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
     _write_rows(inp, rows)
     base = ["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-backoff", "0.01"]
-    assert judge.main(base + ["--judge-model", "m1"]) == 0
+    assert judge.main(judge.parse_args(base + ["--judge-model", "m1"])) == 0
     assert len(srv.requests()) == 4
     _write_rows(inp, [rows[2], dict(rows[1], proof=rows[1]["proof"] + " Also by induction."), rows[3], rows[0]])
-    assert judge.main(base + ["--judge-model", "m1"]) == 0
+    assert judge.main(judge.parse_args(base + ["--judge-model", "m1"])) == 0
     assert [e["pid"] for e in srv.requests()[4:]] == ["p1"]  # the edited proof, nothing else
     got = [(r["row"], r["id"], r["score"]) for r in common.read_jsonl(out)]
     assert got == [(0, "id2", 3), (1, "id1", 6), (2, "id3", 4), (3, "id0", 1)]
-    assert judge.main(base + ["--judge-model", "m2"]) == 0
+    assert judge.main(judge.parse_args(base + ["--judge-model", "m2"])) == 0
     assert len(srv.requests()) == 9 and {e["body"]["model"] for e in srv.requests()[5:]} == {"m2"}
     assert not any(r["cached"] for r in common.read_jsonl(out))  # every grade is the new judge's
     assert json.load(open(out + ".args.json"))["judge_model"] == "m2"
@@ -610,8 +567,9 @@ def test_api_key_is_redacted_from_everything_stored_or_printed(fake, tmp_path, c
     srv = fake({"a": ["echo500"], "b": ["echo200"], "c": ["echo401"]})
     inp, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
     _write_rows(inp, [item("a"), item("b"), item("c")])
-    assert judge.main(["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-model", "m",
-                       "--judge-backoff", "0.01", "--judge-max-retries", "1"]) == 1
+    argv = ["--input", str(inp), "--output", out, "--judge-base-url", srv.url, "--judge-model", "m",
+            "--judge-backoff", "0.01", "--judge-max-retries", "1"]
+    assert judge.main(judge.parse_args(argv)) == 1
     assert {e["auth"] for e in srv.requests()} == {f"Bearer {secret}"}  # it was sent, and echoed
     rows = common.read_jsonl(out)
     assert "HTTP 500" in rows[0]["error"] and "[redacted]" in rows[0]["error"]

@@ -41,6 +41,21 @@ class Recorder:
         return out
 
 
+class Scripted:
+    """A fake engine: records every generate call (messages, Sampling, thinking) and answers each prompt with a
+    closed thinking block, a summary-like text and a \\boxed{0.5} verdict, so every scaffold runs to its end."""
+
+    def __init__(self):
+        self.calls = []
+        self.tokenizer = None
+        self.context_length = None
+
+    def generate(self, prompts, sampling, thinking=True, progress=None):
+        self.calls.append((prompts, sampling, thinking))
+        return [R.Completion("<think>r</think>\n\nS \\boxed{0.5}", None, None, "stop", num_tokens=4)
+                for _ in prompts]
+
+
 def test_bad_inputs(engine, tmp_path):
     with pytest.raises(ValueError, match="problem 1 is empty"):
         R.run_rc(["ok", "  "], engine, progress=False)
@@ -244,27 +259,46 @@ def test_cli_batch_resume(tmp_path, monkeypatch, capsys):
             "--turns", "1", "--reason-budget", "6", "--summary-budget", "4", "--no-progress"]
     real, seen = R.run_scaffold, []
 
-    def crash_on_second(args, problems, reasoner, summarizer):
+    def crash_on_second(args, problems, reasoner, summarizer, **kw):
         seen.append(list(problems))
         if len(seen) == 2:
             raise KeyboardInterrupt  # killed mid-run
-        return real(args, problems, reasoner, summarizer)
+        return real(args, problems, reasoner, summarizer, **kw)
 
     monkeypatch.setattr(R, "run_scaffold", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        R.main(argv)
+        R.main(R.parse_args(argv))
     first = out.read_text()
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["q0", "q1"]
     with open(out, "a") as f:
         f.write('{"id": "q2", "sample_ind')  # a write torn by the kill
-    monkeypatch.setattr(R, "run_scaffold", lambda *a: seen.append(list(a[1])) or real(*a))
-    R.main(argv)
+    monkeypatch.setattr(R, "run_scaffold", lambda *a, **kw: seen.append(list(a[1])) or real(*a, **kw))
+    R.main(R.parse_args(argv))
     assert seen[-1] == ["Compute 2 + 1."]  # only the unfinished problem ran again
     recs = common.read_jsonl(str(out))
     assert [r["id"] for r in recs] == ["q0", "q1", "q2"] and out.read_text().startswith(first)
-    assert recs[0]["args"]["reason_budget"] == 6 and recs[0]["scaffold"] == "rc"
-    R.main(argv)  # all done: nothing runs
+    assert recs[0]["args"]["reason_tokens"] == 6 and recs[0]["scaffold"] == "rc"
+    R.main(R.parse_args(argv))  # all done: nothing runs
     assert len(seen) == 3 and "3 done, 0 to run" in capsys.readouterr().out
+
+
+def test_cli_samples_in_two_batches_differ_and_a_resume_continues_the_run(tmp_path):
+    """--samples 4 --batch-size 2: the second batch's samples of a problem were seeded like the first's, so
+    they were copies of them; and a resumed run seeded its first batch like the run's first. Now a job's
+    seeds follow its place in the run: four different samples, and a run resumed after two equals the
+    uninterrupted one."""
+    inp = tmp_path / "p.jsonl"
+    inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
+    argv = ["--preset", "tiny", "--input", str(inp), "--scaffold", "direct", "--samples", "4", "--batch-size", "2",
+            "--reason-tokens", "8", "--temperature", "1.0", "--no-progress"]
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    R.main(R.parse_args(argv + ["--output", str(full)]))
+    texts = [r["turns"][0]["reasoning"] + r["final_answer"] for r in common.read_jsonl(str(full))]
+    assert len(set(texts)) == 4, texts
+    part.write_text("".join(full.read_text().splitlines(keepends=True)[:2]))  # killed after the first batch
+    R.main(R.parse_args(argv + ["--output", str(part)]))
+    assert [(r["sample_index"], r["final_answer"], r["turns"][0]["reasoning"]) for r in common.read_jsonl(str(part))] \
+        == [(r["sample_index"], r["final_answer"], r["turns"][0]["reasoning"]) for r in common.read_jsonl(str(full))]
 
 
 def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch):
@@ -274,12 +308,12 @@ def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch)
     inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
     argv = ["--preset", "tiny", "--input", str(inp), "--output", str(out), "--scaffold", "direct",
             "--reason-budget", "4", "--no-progress"]
-    R.main(argv)
+    R.main(R.parse_args(argv))
     with pytest.raises(common.InputError, match=r"--temperature 0\.8 -> 0\.5"):
-        R.main(argv + ["--temperature", "0.5"])
+        R.main(R.parse_args(argv + ["--temperature", "0.5"]))
     with pytest.raises(common.InputError, match="--model"):
-        R.main(argv + ["--model", str(tmp_path / "other")])
-    R.main(argv + ["--batch-size", "7"])  # a setting that does not change traces: allowed
+        R.main(R.parse_args(argv + ["--model", str(tmp_path / "other")]))
+    R.main(R.parse_args(argv + ["--batch-size", "7"]))  # a setting that does not change traces: allowed
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
@@ -291,10 +325,38 @@ def test_cli_never_mixes_runs_and_checks_the_output_first(tmp_path, monkeypatch)
         else:
             bad = str(ro / "t.jsonl")
         with pytest.raises(common.InputError, match="cannot write there"):
-            R.main(argv[:4] + ["--output", bad] + argv[6:])
+            R.main(R.parse_args(argv[:4] + ["--output", bad] + argv[6:]))
     finally:
         ro.chmod(0o700)
     assert loads == []
+
+
+def test_cli_output_from_before_the_one_vocabulary(tmp_path, monkeypatch):
+    """Traces recorded with the old dests (reason_budget, summary_budget, verify_budget) resume under today's
+    names; old rc traces are refused, naming the change: their summaries were seeded --seed + 1, today's --seed."""
+    fake = Scripted()
+    monkeypatch.setattr(R.engines, "from_args", lambda *a, **k: fake)
+    inp, out = tmp_path / "p.jsonl", tmp_path / "t.jsonl"
+    for scaffold in ("direct", "rc"):
+        inp.write_text(json.dumps({"id": "a", "problem": "Compute 1 + 1."}) + "\n")
+        argv = ["--model", "m", "--input", str(inp), "--output", str(out), "--scaffold", scaffold,
+                "--reason-budget", "8", "--summary-budget", "4", "--verify-budget", "5", "--no-progress"]
+        out.unlink(missing_ok=True)
+        R.main(R.parse_args(argv))
+        old = {R.OLD_DESTS.get(k, k): k for k in ("reason_budget", "summary_budget", "verify_budget")}
+        recs = common.read_jsonl(str(out))
+        for r in recs:  # the record as the code before wrote it
+            r["args"] = {old.get(k, k): v for k, v in r["args"].items()}
+        out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        inp.write_text(inp.read_text() + json.dumps({"id": "b", "problem": "Compute 2 + 2."}) + "\n")
+        if scaffold == "direct":
+            R.main(R.parse_args(argv))
+            assert [r["id"] for r in common.read_jsonl(str(out))] == ["a", "b"]
+            with pytest.raises(common.InputError, match=r"--reason-tokens 8 -> 9"):
+                R.main(R.parse_args(argv + ["--reason-tokens", "9"]))
+        else:
+            with pytest.raises(common.InputError, match=r"rc traces made before the summaries were seeded"):
+                R.main(R.parse_args(argv))
 
 
 def test_cli_sigterm_exits_143_keeping_finished_traces(tmp_path):
@@ -317,18 +379,18 @@ def test_cli_errors_file_then_retry(tmp_path, server):
     inp.write_text(json.dumps({"id": "a", "problem": "ok:a"}) + "\n" + json.dumps({"id": "b", "problem": "dead:b"}) + "\n")
     argv = ["--engine", "openai", "--base-url", server.url, "--model", "m", "--input", str(inp), "--output",
             str(out), "--scaffold", "direct", "--max-retries", "0", "--no-progress"]
-    R.main(argv)
+    R.main(R.parse_args(argv))
     errs = tmp_path / "t.errors.jsonl"
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["a"]
     assert [r["id"] for r in common.read_jsonl(str(errs))] == ["b"]
     inp.write_text(inp.read_text().replace("dead:b", "ok:b"))  # the server heals (here: a new prompt)
-    R.main(argv)
+    R.main(R.parse_args(argv))
     assert [r["id"] for r in common.read_jsonl(str(out))] == ["a", "b"]
 
 
 def test_cli_single_problem_prints(capsys):
-    R.main(["--preset", "tiny", "--turns", "2", "--reason-budget", "6", "--summary-budget", "4",
-            "--show-trace", "--no-progress"])
+    R.main(R.parse_args(["--preset", "tiny", "--turns", "2", "--reason-budget", "6", "--summary-budget", "4",
+                         "--show-trace", "--no-progress"]))
     text = capsys.readouterr().out
     assert "==== turn 2" in text and "==== final proof" in text
     # the tiny model thinks (its template opens <think>) and never closes it in 4 tokens: the failed summary

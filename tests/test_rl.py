@@ -4,6 +4,8 @@ sampling (also through the real HF engine and run_rc), judge outages, resume, a 
 run, and learning: a short SFT warm-up (sft.py) then rl.py raising the reward on held-out problems.
 """
 
+import contextlib
+import dataclasses
 import http.server
 import json
 import math
@@ -26,6 +28,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import policy  # noqa: E402
 import rl  # noqa: E402
+import rollouts  # noqa: E402
+from conftest import http_reply  # noqa: E402
 
 
 def tiny_args(*extra):
@@ -219,13 +223,13 @@ def test_plan_microbatches_balances_ranks_and_pads():
 
 
 def test_drop_stale_and_filter_groups():
-    groups = [{"version": v, "rewards": r} for v, r in
+    groups = [rollouts.Group(version=v, rewards=r) for v, r in
               [(5, [0, 1, 0]), (3, [1, 1, 1]), (2, [0, 1, 1]), (4, [0.5, 0.5 + 1e-9, 0.5])]]
     fresh, stale = rl.drop_stale(groups, step=5, max_lag=2)
-    assert [g["version"] for g in fresh] == [5, 3, 4] and [g["version"] for g in stale] == [2]
+    assert [g.version for g in fresh] == [5, 3, 4] and [g.version for g in stale] == [2]
     assert rl.drop_stale(groups, step=5, max_lag=0)[0] == [groups[0]]
     kept, flat = rl.filter_groups(fresh, tol=1e-6)
-    assert [g["version"] for g in kept] == [5] and [g["version"] for g in flat] == [3, 4]
+    assert [g.version for g in kept] == [5] and [g.version for g in flat] == [3, 4]
     assert len(rl.filter_groups(fresh, tol=-1)[0]) == 3  # tol < 0 keeps everything
 
 
@@ -246,17 +250,17 @@ def test_flat_groups_are_trained_and_counted():
     """Released: zero-variance groups stay in the step (their advantage is 0 everywhere, so only the
     entropy term acts on them) and are still counted; --drop-flat-groups is the old filter."""
     def batch():
-        groups = [{"version": 0, "failed": False, "rewards": r, "scores": [7 * x for x in r],
-                   "samples": [{"prompt_ids": [1, 2], "completion_ids": [3, 4], "old_logp": [-1.0, -1.0]}] * 2}
+        groups = [rollouts.Group(version=0, rewards=r, scores=[7 * x for x in r],
+                           samples=[rollouts.Sample([1, 2], [3, 4], old_logp=[-1.0, -1.0])] * 2)
                   for r in ([0.0, 1.0], [1.0, 1.0], [0.0, 0.0])]
-        return {"groups": groups, "grading": None, "index": 0, "gen_s": 0, "rc_s": 0, "gen_tokens": 0}
+        return rollouts.Batch(0, 0, groups)
     rewards = SimpleNamespace(finish=lambda grading, stats: None)
     for flags, trained in (([], 3), (["--drop-flat-groups"], 1)):
         args = tiny_args("--samples-per-problem", "2", *flags)
         stats = Counter()
         groups, graded, _ = rl.collect(1, QueueRollouts([batch()]), rewards, args, 3, stats)
         assert len(groups) == trained and len(graded) == 3 and stats["groups_zero_var"] == 2
-    seqs = rl.training_sequences(groups[:0] + batch()["groups"], args, nominal=6, world_size=1)
+    seqs = rl.training_sequences(groups[:0] + batch().groups, args, nominal=6, world_size=1)
     assert [s["advantage"] for s in seqs] == [-0.5, 0.5, 0.0, 0.0, 0.0, 0.0]  # flat groups: zero advantage
 
 
@@ -283,19 +287,19 @@ def test_stage2_rollouts_use_the_eval_proof_prompt_and_released_sampling(tiny_mo
 
     tok = common.load_tokenizer(tiny_model_dir)
     engine = Rec(make_engine("hf", model, tokenizer=tok))
-    ro = SimpleNamespace(lock=threading.Lock(), version=0)
-    batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
+    ro = SimpleNamespace(engine=lambda: contextlib.nullcontext(0))  # Rollouts.engine(): policy version 0
+    batch = rollouts.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=None,
                            snapshot=(model, policy.tap_hidden(model)), tokenizer=tok, task_prompt=args.prompt,
-                           rewards=rl.Rewards(kind, problems, args))
+                           rewards=rollouts.Rewards(kind, problems, args))
     (prompts, sampling), = calls
-    rows = [g["row"] for g in batch["groups"]]
+    rows = [g.row for g in batch.groups]
     assert prompts == [direct_messages(problems[r]["problem"]) for r in rows for _ in range(2)]
     assert prompts[0][0]["content"].startswith("Generate a rigorous proof to the following question:\n\n")
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.8, 1.0, 0, 4)
-    s = batch["groups"][0]["samples"][0]
-    lp = policy.sequence_logprobs(model, policy.tap_hidden(model), [dict(s, weight=1.0, advantage=0.0)], 0.8,
-                              tok.pad_token_id, 4096)[0]
-    assert lp == pytest.approx(s["old_logp"], abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
+    s = batch.groups[0].samples[0]
+    lp = policy.sequence_logprobs(model, policy.tap_hidden(model), [{"prompt_ids": s.prompt_ids, "completion_ids":
+                                  s.completion_ids}], 0.8, tok.pad_token_id, 4096)[0]
+    assert lp == pytest.approx(s.old_logp, abs=1e-4)  # the sampler's full-distribution log-probs at T 0.8
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):
@@ -350,7 +354,7 @@ def test_producer_runs_at_most_max_lag_ahead():
     for max_lag in (0, 2):
         ro = rl.Rollouts(make, first_batch=0, max_lag=max_lag, version=0)
         time.sleep(0.3)
-        assert ro.q.qsize() == 1 + max_lag and ro.next_batch == 1 + max_lag  # and no further
+        assert len(ro.ready) == 1 + max_lag and ro.next_batch == 1 + max_lag  # and no further
         got = [ro.get() for _ in range(1 + max_lag)]
         assert [b["version"] for b in got] == [0] * (1 + max_lag)
         ro.version = 1  # the trainer finished step 0 and pushed its weights
@@ -359,7 +363,7 @@ def test_producer_runs_at_most_max_lag_ahead():
         assert b["index"] == 1 + max_lag and b["version"] == 1
         ro.stop()
     # a stale batch (made by version 0, trained at step 3 with max_lag 2) is dropped
-    assert rl.drop_stale([{"version": 0}], step=3, max_lag=2)[0] == []
+    assert rl.drop_stale([rollouts.Group(version=0)], step=3, max_lag=2)[0] == []
 
     def boom(index, ro):
         raise ValueError("server died")
@@ -372,13 +376,13 @@ def test_producer_runs_at_most_max_lag_ahead():
 
 def test_sample_rc_states():
     trace = {"states": [None, "S1", "S2", "S3"]}
-    picks = [rl.sample_rc_states(trace, 2, random.Random(i)) for i in range(2000)]
+    picks = [rollouts.sample_rc_states(trace, 2, random.Random(i)) for i in range(2000)]
     assert all(len(p) == 2 and len(set(map(str, p))) == 2 for p in picks)
     assert all([trace["states"].index(x) for x in p] == sorted(trace["states"].index(x) for x in p) for p in picks)
     freq = Counter(str(x) for p in picks for x in p)
     assert set(freq) == {"None", "S1", "S2", "S3"} and all(850 < n < 1150 for n in freq.values())
-    assert rl.sample_rc_states(trace, 2, random.Random(7)) == rl.sample_rc_states(trace, 2, random.Random(7))
-    assert rl.sample_rc_states({"states": [None]}, 2, random.Random(0)) == [None]  # a failed first summary
+    assert rollouts.sample_rc_states(trace, 2, random.Random(7)) == rollouts.sample_rc_states(trace, 2, random.Random(7))
+    assert rollouts.sample_rc_states({"states": [None]}, 2, random.Random(0)) == [None]  # a failed first summary
 
 
 def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
@@ -395,21 +399,21 @@ def test_rc_batch_through_engine(tiny_model_dir, tiny_instruct_dir):
     problems, kind = rl.load_problems(args)
     model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
     engine = make_engine("hf", model, tokenizer=tokenizer)
-    ro = SimpleNamespace(lock=threading.Lock(), version=3)
+    ro = SimpleNamespace(engine=lambda: contextlib.nullcontext(3))  # Rollouts.engine(): policy version 3
     summarizer = make_engine("hf", tiny_instruct_dir, device="cpu", dtype=torch.float32)
-    batch = rl.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=summarizer,
+    batch = rollouts.build_batch(0, ro, args=args, problems=problems, engine=engine, summarizer=summarizer,
                            snapshot=(model, policy.tap_hidden(model)), tokenizer=tokenizer, task_prompt=None,
-                           rewards=rl.Rewards(kind, problems, args))
-    assert len(batch["groups"]) == 4 and all(g["version"] == 3 for g in batch["groups"])
-    assert any(g["state"] is not None for g in batch["groups"])
-    for g in batch["groups"]:
-        prompt = tokenizer.decode(g["samples"][0]["prompt_ids"])
-        want = tokenizer.apply_chat_template(reasoning_messages(problems[g["row"]]["problem"], g["state"], None),
+                           rewards=rollouts.Rewards(kind, problems, args))
+    assert len(batch.groups) == 4 and all(g.version == 3 for g in batch.groups)
+    assert any(g.state is not None for g in batch.groups)
+    for g in batch.groups:
+        prompt = tokenizer.decode(g.samples[0].prompt_ids)
+        want = tokenizer.apply_chat_template(reasoning_messages(problems[g.row]["problem"], g.state, None),
                                              tokenize=False, add_generation_prompt=True)
         assert prompt == want and prompt.endswith("<|im_start|>assistant\n<think>\n")
-        assert (NO_SUMMARY in prompt) == (g["state"] is None)
-        assert len(g["rewards"]) == 2
-        assert all(len(s["old_logp"]) == len(s["completion_ids"]) for s in g["samples"])
+        assert (NO_SUMMARY in prompt) == (g.state is None)
+        assert len(g.rewards) == 2
+        assert all(len(s.old_logp) == len(s.completion_ids) for s in g.samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,13 +441,7 @@ class FakeJudge(http.server.BaseHTTPRequestHandler):
         reply = {"choices": [{"message": {"role": "assistant", "content": f"Fine. <score>{score}</score>"}}]}
         self._reply(200, json.dumps(reply).encode(), {"Content-Type": "application/json"})
 
-    def _reply(self, code, data, headers=()):
-        self.send_response(code)
-        for k, v in dict(headers).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    _reply = http_reply
 
     def log_message(self, *a):
         pass
@@ -461,22 +459,20 @@ def test_judge_outage_counts_and_zeroes_or_skips(tmp_path, policy):
                             "--group-retries", "1", "--samples-per-problem", "2", "--output-dir", str(tmp_path),
                             "--judge-failures", policy])
         problems = [{"problem": f"Problem {i}.", "rubric": "7 if right", "answer": None} for i in range(3)]
-        rewards = rl.Rewards("judge", problems, args)
+        rewards = rollouts.Rewards("judge", problems, args)
         done = "ok\n</think>\n\n"  # a Thinking-2507 completion: its <think> was in the prompt
-        groups = [{"row": 0, "samples": [{"text": done + "\\boxed{5}"}, {"text": done + "\\boxed{4}"}]},
-                  {"row": 1, "samples": [{"text": done + "FAIL"}, {"text": done + "\\boxed{5}"}]},
-                  {"row": 2, "samples": [{"text": done + "BAD"}, {"text": "no think end: truncated"}]}]
-        for g in groups:
-            g["failed"] = False
+        groups = [rollouts.Group(0, samples=[rollouts.Sample(text=done + "\\boxed{5}"), rollouts.Sample(text=done + "\\boxed{4}")]),
+                  rollouts.Group(1, samples=[rollouts.Sample(text=done + "FAIL"), rollouts.Sample(text=done + "\\boxed{5}")]),
+                  rollouts.Group(2, samples=[rollouts.Sample(text=done + "BAD"), rollouts.Sample(text="no think end: truncated")])]
         stats = Counter()
         rewards.finish(rewards.start(groups), stats)
-        assert groups[0]["rewards"] == [1.0, pytest.approx(2 / 7)] and not groups[0]["failed"]
+        assert groups[0].rewards == [1.0, pytest.approx(2 / 7)] and not groups[0].failed
         if policy == "zero":
-            assert groups[1]["rewards"] == [0.0, 1.0] and not groups[1]["failed"]
-            assert groups[2]["rewards"] == [0.0, 0.0] and not groups[2]["failed"]
+            assert groups[1].rewards == [0.0, 1.0] and not groups[1].failed
+            assert groups[2].rewards == [0.0, 0.0] and not groups[2].failed
         else:
-            assert groups[1]["failed"] and "rewards" not in groups[1]  # never scored as if graded
-            assert groups[2]["failed"] and "rewards" not in groups[2]
+            assert groups[1].failed and groups[1].rewards is None  # never scored as if graded
+            assert groups[2].failed and groups[2].rewards is None
         assert stats["judge_failures"] == 2 and stats["judge_regraded"] == 2
         assert FakeJudge.calls["FAIL"] == 4  # (1 try + 1 retry) x (grade + 1 group re-grade)
     finally:
@@ -493,16 +489,16 @@ def test_rl_judge_sees_the_proof_with_its_self_evaluation(tmp_path):
         args = rl.get_args(["--judge-url", f"http://127.0.0.1:{server.server_port}/v1", "--samples-per-problem", "2",
                             "--output-dir", str(tmp_path)])
         problems = [{"problem": "Prove P.", "rubric": "7 if right", "answer": None}]
-        rewards = rl.Rewards("judge", problems, args)
+        rewards = rollouts.Rewards("judge", problems, args)
         proof = "Proof. \\boxed{5}\n\n## Self Evaluation\nI checked every step."
-        group = {"row": 0, "failed": False, "samples": [{"text": "my hidden reasoning\n</think>\n\n" + proof},
-                                                         {"text": "other reasoning</think>\n\nNo."}]}
+        group = rollouts.Group(0, samples=[rollouts.Sample(text="my hidden reasoning\n</think>\n\n" + proof),
+                                     rollouts.Sample(text="other reasoning</think>\n\nNo.")])
         rewards.finish(rewards.start([group]), Counter())
         sent = [b["messages"][-1]["content"] for b in FakeJudge.bodies]
         assert any(proof in t for t in sent) and not any("hidden reasoning" in t for t in sent)
         assert FakeJudge.bodies[0]["temperature"] == 1.0 and FakeJudge.bodies[0]["reasoning_effort"] == "medium"
         assert sent[0].startswith(open(os.path.join(ROOT, "prompts", "judge_rl_proof.txt")).read()[:40])
-        assert group["rewards"][0] == 1.0  # FakeJudge: 7 for a proof with \\boxed{5}
+        assert group.rewards[0] == 1.0  # FakeJudge: 7 for a proof with \\boxed{5}
     finally:
         server.shutdown()
 
@@ -532,19 +528,18 @@ def test_a_grader_registered_in_judge_is_an_rl_reward(tmp_path, monkeypatch):
     args.reward = "brevity"  # the flag's choices were read from judge.GRADERS at import, before this test
     problems, kind = rl.load_problems(args)
     assert kind == "brevity" and problems[0]["problem"] == "Say something short."
-    rewards = rl.Rewards(kind, problems, args)
-    group = {"row": 0, "failed": False, "samples": [{"text": "t</think>\nShort."}, {"text": "t</think>\n" + "x" * 30},
-                                                     {"text": "no think end: truncated"}]}
+    rewards = rollouts.Rewards(kind, problems, args)
+    group = rollouts.Group(0, samples=[rollouts.Sample(text="t</think>\nShort."), rollouts.Sample(text="t</think>\n" + "x" * 30),
+                                 rollouts.Sample(text="no think end: truncated")])
     grading = rewards.start([group])
-    assert group["rewards"] == [1.0, 0.0, 0.0] and group["scores"] == [7, 0, 0]
+    assert group.rewards == [1.0, 0.0, 0.0] and group.scores == [7, 0, 0]
     stats = Counter()
     rewards.finish(grading, stats)
-    assert group["rewards"] == [1.0, 0.0, 0.0] and stats["judge_failures"] == 0
+    assert group.rewards == [1.0, 0.0, 0.0] and stats["judge_failures"] == 0
     monkeypatch.setattr(Brevity, "score", lambda self, answer, item: 1 / 0)
-    group = dict(group, failed=False)
-    del group["rewards"]
+    group = dataclasses.replace(group, failed=False, rewards=None)
     rewards.finish(rewards.start([group]), stats)
-    assert group["rewards"] == [0.0, 0.0, 0.0] and stats["judge_failures"] == 2  # the truncated one is a 0
+    assert group.rewards == [0.0, 0.0, 0.0] and stats["judge_failures"] == 2  # the truncated one is a 0
 
 
 def test_bad_data_is_named(tmp_path):
@@ -632,6 +627,37 @@ def test_resume_continues_the_same_run(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rb] == [r["step"] for r in common.read_jsonl(os.path.join(a, "rollouts.jsonl"))]
     assert all(r["completion"] != "abandoned" for r in rb)
     assert [m["loss"] for m in ma] == pytest.approx([m["loss"] for m in mb], rel=1e-5)
+
+
+def test_killed_run_at_max_lag_resumes_bitwise(tiny_model_dir, tmp_path):
+    """--max-lag 1 (the tiny preset's): when a checkpoint is written, the next batch was generated by the
+    weights of one step before, which the checkpoint no longer holds. SIGKILL after step 3 (checkpoint
+    step 2), resume: the run ends exactly where the uninterrupted one does, because the checkpoint kept
+    that batch. (Before, a resume generated it again with the newer weights: another run.)"""
+    lag = ["--max-lag", "1", "--max-steps", "4"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rl.main(tiny_args("--model", tiny_model_dir, "--output-dir", a, *RUN, *lag))
+    cmd = [sys.executable, "rl.py", "--preset", "tiny", "--model", tiny_model_dir, "--output-dir", b, *RUN, *lag,
+           "--save-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")  # as in-process
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if line.startswith("step 00003/"):
+            proc.kill()
+            break
+    proc.wait()
+    assert open(os.path.join(b, "latest")).read() == "step_00002", "".join(log[-20:])
+    kept = json.load(open(os.path.join(b, "step_00002", "resume", rollouts.IN_FLIGHT)))
+    assert kept and kept[0]["index"] == 2 and kept[0]["version"] == 1  # made by step 1's weights
+    rl.main(tiny_args("--model", tiny_model_dir, "--output-dir", b, "--resume", *RUN, *lag))
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (common.read_jsonl(os.path.join(out, "metrics.jsonl")) for out in (a, b))
+    assert [m["step"] for m in mb] == [1, 2, 3, 4]
+    assert [(m["loss"], m["policy_lag_mean"]) for m in ma] == [(m["loss"], m["policy_lag_mean"]) for m in mb]
+    assert [m["policy_lag_mean"] for m in ma][1:] == [1.0, 1.0, 1.0]  # the lag was real
 
 
 @pytest.mark.parametrize("extra", [["--kl-beta", "0.5"], ["--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-2"]])

@@ -45,7 +45,7 @@ def sub_env():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sft") / "run")
-    result = sft.train(sft.parse_args(tiny_argv(tiny_model_dir, out)))
+    result = sft.main(sft.parse_args(tiny_argv(tiny_model_dir, out)))
     return out, result
 
 
@@ -176,7 +176,7 @@ def test_loss_falls_and_checkpoints_reload(tiny_run):
     with torch.no_grad():
         assert torch.equal(lm(input_ids=x).logits, reloaded(input_ids=x).logits)
     state = json.load(open(os.path.join(out, "step_00008", "trainer_state.json")))
-    assert state["step"] == 8 and state["args"]["lr"] == 5e-3 and state["data"]["kept"] == 48
+    assert state["step"] == 8 and state["args"]["lr"] == 5e-3 and state["data"]["kept"] == 512
     assert os.path.exists(os.path.join(out, "step_00008", "model.safetensors"))
 
 
@@ -206,7 +206,7 @@ def test_killed_run_resumes_onto_the_same_curve(tiny_run, tiny_model_dir, tmp_pa
     assert stopped in (5, 6) and os.path.isdir(os.path.join(out, f"step_{stopped:05d}"))
     # 3. resume in this process up to the step-8 checkpoint: the curve so far and the weights equal
     #    those of the uninterrupted run, bit for bit
-    sft.train(sft.parse_args(tiny_argv(tiny_model_dir, out, "--resume", "--stop-after", "8")))
+    sft.main(sft.parse_args(tiny_argv(tiny_model_dir, out, "--resume", "--stop-after", "8")))
     got, want = metrics(out), metrics(ref_out)[:8]
     assert [r["step"] for r in got] == list(range(1, 9))
     assert [(r["loss"], r["gnorm"], r.get("val_loss")) for r in got] == \
@@ -249,8 +249,8 @@ def test_torchrun_two_processes_match_one(tiny_run, tiny_model_dir, tmp_path):
 
 def test_lora_trains_only_the_adapter(tiny_model_dir, tmp_path):
     out = str(tmp_path / "lora")
-    res = sft.train(sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir, "--output-dir", out,
-                                    "--max-steps", "3", "--lora-r", "4", "--merge-lora", "--eval-every", "0"]))
+    res = sft.main(sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir, "--output-dir", out,
+                                   "--max-steps", "3", "--lora-r", "4", "--merge-lora", "--eval-every", "0"]))
     base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     peft_model = res["model"].lm
     n_lora = 0
@@ -314,13 +314,13 @@ def test_bad_setup_errors(tiny_run, tiny_model_dir, tmp_path):
     cfg.pop("chat_template", None)
     json.dump(cfg, open(os.path.join(plain, "tokenizer_config.json"), "w"))
     with pytest.raises(ValueError, match="no chat template.*--tokenizer"):
-        sft.train(sft.parse_args(["--preset", "tiny", "--model", plain, "--output-dir", str(tmp_path / "a")]))
+        sft.main(sft.parse_args(["--preset", "tiny", "--model", plain, "--output-dir", str(tmp_path / "a")]))
     # an output dir holding another run, without --resume / --overwrite
     with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
-        sft.train(sft.parse_args(tiny_argv(tiny_model_dir, run_out)))
+        sft.main(sft.parse_args(tiny_argv(tiny_model_dir, run_out)))
     # --resume with different settings names the flag
     with pytest.raises(ValueError, match=r"--lr: 0\.005 -> 0\.001"):
-        sft.train(sft.parse_args(tiny_argv(tiny_model_dir, run_out, "--resume", "--lr", "1e-3")))
+        sft.main(sft.parse_args(tiny_argv(tiny_model_dir, run_out, "--resume", "--lr", "1e-3")))
     # batch sizes that do not divide
     with pytest.raises(ValueError, match="--global-batch-size 16 must be a multiple of --micro-batch-size 3"):
         sft.check_args(sft.parse_args(["--preset", "tiny", "--micro-batch-size", "3"]), 1)
@@ -328,8 +328,8 @@ def test_bad_setup_errors(tiny_run, tiny_model_dir, tmp_path):
         sft.check_args(sft.parse_args(["--preset", "tiny", "--load-in-4bit"]), 1)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--load-in-4bit needs a CUDA GPU"):
-            sft.train(sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir, "--output-dir",
-                                      str(tmp_path / "q"), "--lora-r", "4", "--load-in-4bit"]))
+            sft.main(sft.parse_args(["--preset", "tiny", "--model", tiny_model_dir, "--output-dir",
+                                     str(tmp_path / "q"), "--lora-r", "4", "--load-in-4bit"]))
 
 
 def test_impossible_flags_and_a_resume_of_nothing_are_refused(tmp_path):
@@ -338,7 +338,15 @@ def test_impossible_flags_and_a_resume_of_nothing_are_refused(tmp_path):
         with pytest.raises(common.InputError, match=bad[0]):
             sft.check_args(sft.parse_args(["--preset", "tiny", *bad]), 1)
     with pytest.raises(common.InputError, match="holds no run.*drop --resume"):
-        sft.train(sft.parse_args(["--preset", "tiny", "--output-dir", str(tmp_path / "empty"), "--resume"]))
+        sft.main(sft.parse_args(["--preset", "tiny", "--output-dir", str(tmp_path / "empty"), "--resume"]))
+
+
+def test_an_unknown_device_is_refused_not_run_on_the_cpu(capsys):
+    # common.compute_init takes any --device other than auto/cuda as the CPU: a typo must stop at the parser
+    for bad in ("gpu", "cuda:1"):
+        with pytest.raises(SystemExit):
+            sft.parse_args(["--preset", "tiny", "--device", bad])
+        assert "--device" in capsys.readouterr().err
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_model_dir):

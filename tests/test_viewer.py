@@ -152,7 +152,7 @@ def test_tiny_run_writes_the_page_as_it_goes_and_view_rerenders(tiny_model_dir, 
     monkeypatch.setattr(viewer, "refresh", spy)
     argv = ["--preset", "tiny", "--model", tiny_model_dir, "--out-dir", out, "--limit", "2", "--n", "2",
             "--scaffold", "rc", "--turns", "2", "--max-tokens", "8", "--summary-tokens", "8", "--chunk-size", "2"]
-    assert ev.main(argv) == 0
+    assert ev.main(ev.parse_args(argv)) == 0
     assert len(pages) == 3  # after each of the 2 generation chunks, and at the end
     first = data_blocks(pages[0])
     assert 'id="in-progress"' in pages[0] and 'id="in-progress"' not in pages[-1]
@@ -168,7 +168,7 @@ def test_tiny_run_writes_the_page_as_it_goes_and_view_rerenders(tiny_model_dir, 
     assert shown["judge"]["source"].startswith(("math-verify", "nothing graded"))
     # --view rebuilds the same page from the folder alone
     os.remove(f"{out}/report.html")
-    assert ev.main(["--view", out]) == 0
+    assert ev.main(ev.parse_args(["--view", out])) == 0
     again = open(f"{out}/report.html", encoding="utf-8").read()
     assert data_blocks(again) == last
     strip = lambda p: re.sub(r"<!-- written .*? -->", "", p)  # noqa: E731
@@ -184,10 +184,11 @@ def test_judged_run_shows_what_the_judge_was_sent(tiny_model_dir, tmp_path):
     srv = FakeJudge({"p0": ["ok:5"], "p1": ["text:no score here"]})
     try:
         out = str(tmp_path / "run")
-        assert ev.main(["--model", tiny_model_dir, "--engine", "hf", "--device", "cpu", "--dtype", "float32",
-                        "--benchmark", str(data), "--scaffold", "direct", "--n", "1", "--max-tokens", "8",
-                        "--allow-no-think", "--out-dir", out, "--judge-base-url", srv.url, "--judge-model", "fake",
-                        "--judge-max-retries", "0"]) == 0
+        assert ev.main(ev.parse_args(["--model", tiny_model_dir, "--engine", "hf", "--device", "cpu",
+                                      "--dtype", "float32", "--benchmark", str(data), "--scaffold", "direct",
+                                      "--n", "1", "--max-tokens", "8", "--allow-no-think", "--out-dir", out,
+                                      "--judge-base-url", srv.url, "--judge-model", "fake",
+                                      "--judge-max-retries", "0"])) == 0
         sent = {e["pid"]: e["body"]["messages"][0]["content"] for e in srv.log}
     finally:
         srv.close()
@@ -213,7 +214,7 @@ def _compare_fixture(tmp_path):
 def test_compare_table_deltas_plot_and_page(tmp_path, capsys, monkeypatch):
     bench, a, b = _compare_fixture(tmp_path)
     out = str(tmp_path / "cmp")
-    assert ev.main(["--compare", a, b, "--out-dir", out]) == 0
+    assert ev.main(ev.parse_args(["--compare", a, b, "--out-dir", out])) == 0
     res = json.load(open(f"{out}/compare.json"))
     assert res["names"] == ["base", "rl"]
     rows = {r["subset"]: r for r in res["table"]}
@@ -235,7 +236,7 @@ def test_compare_table_deltas_plot_and_page(tmp_path, capsys, monkeypatch):
     assert 'data-deltas="3.5000"' in page
     # the default folder name comes from the runs' names
     monkeypatch.chdir(tmp_path)
-    assert ev.main(["--compare", a, b]) == 0 and os.path.isfile("runs/compare-base-rl/report.html")
+    assert ev.main(ev.parse_args(["--compare", a, b])) == 0 and os.path.isfile("runs/compare-base-rl/report.html")
 
 
 def test_compare_refuses_mixed_benchmarks_and_unfinished_folders(tmp_path):
