@@ -176,8 +176,8 @@ def load_tokenizer(name_or_path, *, require_chat_template=True, flag=None):
     from transformers import AutoTokenizer
 
     if isinstance(name_or_path, str) and not os.path.isdir(name_or_path) and _looks_local(name_or_path):
-        raise InputError(f"{flag + ' ' if flag else ''}tokenizer path {name_or_path!r} does not exist; give a model/tokenizer folder or "
-                         "a hub id")
+        raise InputError(f"{flag + ' ' if flag else ''}tokenizer path {name_or_path!r} does not exist; give a "
+                         "model/tokenizer folder or a hub id")
     tok = _from_hub_or_folder(AutoTokenizer.from_pretrained, name_or_path, flag)
     if require_chat_template and not getattr(tok, "chat_template", None):
         raise InputError(f"{flag + ' ' if flag else ''}tokenizer of {name_or_path!r} has no chat template; pass a chat "
@@ -311,13 +311,19 @@ def make_tiny_model(out_dir=TINY_MODEL_DIR, *, seed=0, overwrite=False, template
 # data
 
 
-def _read_local_rows(path):
-    """[dict] of a local .jsonl / .json file; errors name the file and the line (or byte) and the fix."""
+def read_utf8(path, name):
+    """The text of file `path`; bytes that are not UTF-8 are an InputError naming it (`name`: how the
+    message calls the file) and the byte."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except UnicodeDecodeError as e:
-        raise InputError(f"data file {path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from None
+        raise InputError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from None
+
+
+def _read_local_rows(path):
+    """[dict] of a local .jsonl / .json file; errors name the file and the line (or byte) and the fix."""
+    text = read_utf8(path, f"data file {path}")
     if path.lower().endswith(".jsonl"):
         rows = []
         for n, line in enumerate(text.split("\n"), 1):
@@ -391,11 +397,7 @@ def read_jsonl(path, torn_tail_ok=True):
     if not os.path.exists(path):
         return []
     out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from None
+    lines = read_utf8(path, path).split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -455,12 +455,7 @@ def read_problems(path, problem_key=None, id_key=None):
     if not os.path.exists(path):
         raise common.InputError(f"--input {path!r} does not exist")
     out, seen = [], set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except UnicodeDecodeError as e:
-        raise common.InputError(f"--input {path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as "
-                                "UTF-8") from None
+    lines = common.read_utf8(path, f"--input {path}").split("\n")
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
