@@ -139,10 +139,16 @@ def sample_tokens(logits, sampling, generator=None):
         p = torch.softmax(srt, -1)
         drop = (p.cumsum(-1) - p) >= sampling.top_p  # mass before this token already reaches top_p
         kept = kept.scatter(-1, idx, srt.masked_fill(drop, -math.inf))
-    probs = torch.softmax(kept, -1)
-    # exponential race: argmax(p / E), E ~ Exp(1), is one draw from p (and needs no host sync)
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
-    tok = (probs / race).argmax(-1)
+    # inverse CDF: the first token whose cumulative probability reaches v ~ U(0, total] is one draw from
+    # p (a filtered token adds nothing to the sum, so it is never first). One uniform per row and no host
+    # sync: the exponential race, argmax(p / E) with E ~ Exp(1) per token, drew B x V random numbers, which
+    # took 70% of a decode step of the tiny model on a CPU (0.3 s of 0.42 s at B 64, V 151,669).
+    # The sum is unnormalized (kept holds log-probs, -inf where filtered): v is scaled by the row's total.
+    # Summed in float64: in float32, a token's share of the running sum is rounded to ~6e-8, which is 1%
+    # of a token's probability when 151,669 of them are near-uniform.
+    cdf = kept.exp().cumsum(-1, dtype=torch.float64)
+    u = torch.rand((logp.shape[0], 1), generator=generator, device=logp.device, dtype=torch.float64)
+    tok = torch.searchsorted(cdf, (1 - u) * cdf[:, -1:])[:, 0]  # 1 - u in (0, 1]: v > 0, v <= total
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 

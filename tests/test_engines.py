@@ -5,6 +5,7 @@ one flags-to-engine adapter."""
 
 import http.server
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,6 +120,33 @@ def test_sample_tokens_filters_and_distribution():
     assert set(tok.tolist()) == {0, 1}
     tok, lp = R.sample_tokens(logits[:2], R.Sampling(1, 0.0))
     assert tok.tolist() == [0, 0]
+
+
+def test_sample_tokens_at_the_real_vocabulary_size():
+    """The inverse-CDF draw over Qwen3's 151,669 tokens: a token's frequency matches its probability when
+    the rest of the mass is spread thin (each other token ~3e-6), a filtered token is never drawn, and
+    the same generator seed gives the same tokens."""
+    V, B = 151_669, 256
+    logits = torch.zeros(V)
+    logits[7] = math.log(V - 1)  # token 7 holds half the mass, the other half is uniform
+    logits = logits.repeat(B, 1)
+    gen = torch.Generator().manual_seed(0)
+    draws = [R.sample_tokens(logits, R.Sampling(1, 1.0), gen) for _ in range(8)]  # 2,048 draws
+    tok, lp = torch.cat([t for t, _ in draws]), torch.cat([x for _, x in draws])
+    assert abs((tok == 7).float().mean().item() - 0.5) < 0.045  # 4 sigma at 2,048 draws
+    torch.testing.assert_close(lp[tok == 7], torch.full_like(lp[tok == 7], math.log(0.5)), atol=1e-3, rtol=0)
+    assert (tok != 7).sum() > 900 and len(set(tok[tok != 7].tolist())) > 850  # spread over the rest
+    # the last token of the vocabulary (where a rounded sum would land) is drawn only when kept
+    logits[:, -1] = math.log(V - 1) + 5.0
+    k = R.Sampling(1, 1.0, top_k=2)
+    tok, _ = R.sample_tokens(logits, k, torch.Generator().manual_seed(1))
+    assert set(tok.tolist()) == {7, V - 1} and (tok == V - 1).float().mean() > 0.95
+    logits[:, -1] = -math.inf
+    tok, _ = R.sample_tokens(logits, k, torch.Generator().manual_seed(1))
+    assert V - 1 not in tok.tolist() and 7 in tok.tolist()
+    a, _ = R.sample_tokens(logits[:64], R.Sampling(1, 1.0), torch.Generator().manual_seed(3))
+    b, _ = R.sample_tokens(logits[:64], R.Sampling(1, 1.0), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
 
 
 def test_context_budget_clamps(engine):
