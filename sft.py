@@ -267,9 +267,13 @@ class CausalLMLoss(torch.nn.Module):
 
         lm = self.causal_lm()
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = hidden.flatten(0, 1)  # (1, T, H) -> (T, H)
+        keep = targets != -100
+        if not bool(keep.all()):  # prompt tokens carry no loss: only the others go through the V-wide head
+            hidden, targets = hidden[keep], targets[keep]  # (a copy of the kept rows; one host sync)
         weight = lm.lm_head.weight  # (V, H); tied to the embedding in Qwen3-4B
-        return linear_cross_entropy(hidden.flatten(0, 1).to(self.compute_dtype), weight.to(self.compute_dtype),
-                                    targets, reduction="sum")  # hidden (1, T, H) -> (T, H)
+        return linear_cross_entropy(hidden.to(self.compute_dtype), weight.to(self.compute_dtype), targets,
+                                    reduction="sum")
 
 
 def build_model(args, device, world_size, lm=None):

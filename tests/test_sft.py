@@ -138,6 +138,28 @@ def test_packed_rows_give_the_unpacked_per_row_loss(tiny_model_dir, tokenizer):
             assert (leaky[len(ex[0][0]):] - hidden[len(ex[0][0]):]).abs().max() > 1e-2
 
 
+def test_the_loss_module_matches_full_logits_in_value_and_gradient(tiny_model_dir, tokenizer):
+    """CausalLMLoss sends only the loss positions through the lm head (prompt rows skip the V-wide
+    matmul); loss and gradients equal a float64 reference over the full logits of the packed row."""
+    rows = [json.loads(line) for line in open(DATA)][:3]
+    ex = sft.tokenize_conversations(tokenizer, [sft.row_messages(r) for r in rows])
+    ids, pos, tgt = sft.pack(ex, "cpu")
+    assert (tgt == -100).sum() > (tgt != -100).sum()  # mostly prompt: the skipped rows are most of the row
+    lm = common.load_model(tiny_model_dir, dtype=torch.float32).train()
+    ours = sft.CausalLMLoss(lm, torch.float32)(ids, pos, tgt)
+    ours.backward()
+    got = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad(set_to_none=True)
+    lm.double()
+    logp = torch.log_softmax(lm(input_ids=ids, position_ids=pos, use_cache=False).logits[0], -1)
+    keep = tgt != -100
+    ref = -logp[keep].gather(1, tgt[keep, None]).sum()
+    ref.backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(got[n].double(), p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
 def test_lr_schedule():
     lr = lambda s: sft.lr_at(s, peak=3e-5, total=620, warmup_ratio=0.03)  # noqa: E731
     assert lr(0) == pytest.approx(3e-5 / 19) and lr(18) == pytest.approx(3e-5)  # ceil(0.03 * 620) = 19
