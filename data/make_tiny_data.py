@@ -10,8 +10,8 @@ problems (no problem text in two of them).
 
 The SFT traces are a flawed teacher's, like real distilled traces: in 70% of them (SFT_CORRECT) it
 finds the digit; in the others it answers with the list's first letter ("The first letter is k.",
-\\boxed{k}; graded 0 in the grade columns). SFT imitates both habits, so the warm-up answers about a
-quarter to a half of the held-out problems; RL with the final-answer reward can then do what imitation
+\\boxed{k}; graded 0 in the grade columns). SFT imitates both habits, so the warm-up answers a quarter
+to four fifths of the held-out problems (README: by seed); RL with the final-answer reward can then do what imitation
 cannot: keep the habit that is rewarded (the quick start's RL-over-SFT margin comes from there).
 - tiny_sft.jsonl   FineProofs-SFT layout (problem, reasoning_content, proof, messages, category,
                    competition, source, gemini-3-pro-grade, qwen3-4b-thinking-reward@128); `problem`

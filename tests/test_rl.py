@@ -782,7 +782,7 @@ def test_quick_start_learns_held_out_problems(tiny_model_dir, tmp_path):
     assert len(curve) == rl.TINY["max_steps"] and os.path.exists(os.path.join(rl_out, "reward_curve.png"))
     scores = [held_out_reward(d) for d in (tiny_model_dir, os.path.join(sft_out, "final"), os.path.join(rl_out, "final"))]
     random_model, sft_model, rl_model = scores
-    # measured on 2026-12-01 (seed 0, deterministic on CPU): 0.0 random, 0.266 SFT, 0.398 RL. Over seeds 0-2
-    # (README quick start, eval.py --compare) RL gained 4 to 15 points over SFT and SFT 6 to 31 over random
-    assert random_model < 0.05 and sft_model > random_model + 0.15, (scores, curve)
-    assert rl_model > sft_model + 0.06, (scores, curve)  # RL drops the teacher's first-letter habit
+    # measured on 2026-12-01 (seed 0, deterministic on a given CPU): 0.0 random, 0.805 SFT, 1.0 RL. Over
+    # seeds 0-4 (README quick start, eval.py --compare) SFT scored 7 to 79 and RL gained 3 to 35 points
+    assert random_model < 0.05 and sft_model > random_model + 0.3, (scores, curve)
+    assert rl_model > sft_model + 0.08, (scores, curve)  # RL drops the teacher's first-letter habit
