@@ -29,6 +29,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 
 import common
@@ -401,8 +402,13 @@ class GradeLog:
         from tqdm import tqdm
 
         self.path, self.grader, self.name, self.by_id = path, grader, name, by_id
-        # keys graded without an error are never resubmitted; an errored grade is retried on this run
-        self.done = {r["key"] for r in common.read_jsonl(path) if r.get("key") and not r.get("error")}
+        lines = common.read_jsonl(path)
+        # keys graded without an error are never resubmitted (an errored grade is retried on this run);
+        # `done` holds each one's grade, `have` the (id, sample, key) that already have their own line
+        self.done = {r["key"]: r for r in lines if r.get("key") and not r.get("error")}
+        self.have = {(r.get("id"), r.get("sample"), r["key"]) for r in lines if r.get("key") in self.done}
+        self.waiting = {}  # key -> generations waiting for its grade (the first one submitted it)
+        self.lock = threading.Lock()
         self.futures = []
         self.bar = tqdm(total=0, desc="grade", position=1, dynamic_ncols=True)
 
@@ -412,21 +418,44 @@ class GradeLog:
                     reference=p.get("reference"), answer=p.get("answer"))
         return self.grader.key(item), item
 
+    def _write(self, gen, key, grade):
+        common.append_jsonl(self.path, dict(id=gen["id"], sample=gen["sample"], grader=self.name, key=key, **grade))
+
     def grade(self, gens):
-        """Start grading the generations (dicts id, sample, final_completion) not graded yet."""
-        todo = [(g, *self.key(g)) for g in gens if g["id"] in self.by_id]
-        todo = [t for t in todo if t[1] not in self.done]
-        if not todo:
+        """Start grading the generations (dicts id, sample, final_completion) not graded yet. Samples with
+        the same text share a key: it is graded once and each sample gets its own line (viewer.py and
+        --compare read grades by id and sample), also when a resume finds the key already graded."""
+        items, keys = [], []
+        with self.lock:
+            for gen in gens:
+                if gen["id"] not in self.by_id:
+                    continue
+                key, item = self.key(gen)
+                if key in self.done:
+                    if (gen["id"], gen["sample"], key) not in self.have:
+                        self._write(gen, key, {k: v for k, v in self.done[key].items()
+                                               if k not in ("id", "sample", "grader", "key")})
+                        self.have.add((gen["id"], gen["sample"], key))
+                elif key in self.waiting:
+                    self.waiting[key].append(gen)
+                else:
+                    self.waiting[key] = [gen]
+                    items.append(item)
+                    keys.append(key)
+        if not items:
             return
 
         def on_grade(i, g):
-            gen, key, _ = todo[i]
-            common.append_jsonl(self.path, dict(id=gen["id"], sample=gen["sample"], grader=self.name, key=key,
-                                                **g.to_dict()))
+            grade = g.to_dict()
+            with self.lock:
+                for gen in self.waiting.pop(keys[i]):
+                    self._write(gen, keys[i], grade)
+                if not grade.get("error"):
+                    self.done[keys[i]] = grade
             self.bar.update(1)
-        self.bar.total += len(todo)
+        self.bar.total += len(items)
         self.bar.refresh()
-        self.futures.append(self.grader.submit([t[2] for t in todo], on_grade=on_grade))  # overlaps generation
+        self.futures.append(self.grader.submit(items, on_grade=on_grade))  # overlaps generation
 
     def wait(self):
         for f in self.futures:

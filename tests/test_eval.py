@@ -462,3 +462,34 @@ def test_samples_with_the_same_text_each_count(tmp_path, monkeypatch):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["counts"]["graded"] == 6 and summary["counts"]["missing"] == 0
     assert all(len(v["scores"]) == 3 and None not in v["scores"] for v in summary["per_problem"].values())
+
+
+def test_samples_with_the_same_text_are_graded_once_and_each_get_a_line(tmp_path, monkeypatch):
+    """Samples with the same completion share a grade key: one grader item for them, and a grades.jsonl line
+    for each (viewer.py and --compare read grades by id and sample). Before, one run graded every copy, and
+    a resume that found the key graded wrote no line for the other samples (the viewer showed them ungraded)."""
+    import judge
+    import rc_decode
+
+    fake = Scripted()  # every completion is the same text
+    monkeypatch.setattr(rc_decode.engines, "from_args", lambda *a, **k: fake)
+    graded = []
+    submit = judge.AnswerGrader.submit
+    monkeypatch.setattr(judge.AnswerGrader, "submit", lambda self, items, on_grade=None: (
+        graded.extend(items), submit(self, items, on_grade=on_grade))[1])
+    out, argv = str(tmp_path / "same"), _eval_argv(str(tmp_path / "same"), "--scaffold", "direct", "--limit", "2", "--n", "3")
+    assert ev.main(ev.parse_args(argv)) == 0
+    path = os.path.join(out, "grades.jsonl")
+    lines = common.read_jsonl(path)
+    ids = sorted({g["id"] for g in lines})
+    assert len(ids) == 2 and sorted((g["id"], g["sample"]) for g in lines) == [(i, s) for i in ids for s in range(3)]
+    assert len(graded) == 2  # one item per problem, not per sample
+    # killed after the first grade of each problem was written: the resume writes the other samples' lines
+    with open(path, "w") as f:
+        f.writelines(json.dumps(g) + "\n" for g in lines if g["sample"] == 0)
+    graded.clear()
+    assert ev.main(ev.parse_args(argv)) == 0
+    again = common.read_jsonl(path)
+    assert sorted((g["id"], g["sample"]) for g in again) == sorted((g["id"], g["sample"]) for g in lines)
+    assert graded == [] and {(g["id"], g["sample"]): g["score"] for g in again} == {
+        (g["id"], g["sample"]): g["score"] for g in lines}
