@@ -28,9 +28,12 @@ cannot: keep the habit that is rewarded (the quick start's RL-over-SFT margin co
 import json
 import os
 import random
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import rc_decode  # noqa: E402 (the repo root's module)
+
 LETTERS = "bcdfghjkmnpqrstvwxyz"  # each " x" is one Qwen3 token (no vowels: no accidental words)
 DIGITS = "0123456789"
 MIN_LETTERS, MAX_LETTERS = 4, 7
@@ -41,18 +44,12 @@ RUBRIC = ("7 points: the final answer in \\boxed{} is the digit of the list. "
 
 
 def make_problem(rng):
-    """(problem text, thinking, answer digit, the first letter, the flawed teacher's answer) of one random problem."""
+    """(problem text, thinking, answer digit, the list's first letter) of one random problem."""
     symbols = rng.sample(LETTERS, rng.randint(MIN_LETTERS, MAX_LETTERS))
     digit = rng.choice(DIGITS)
     symbols.insert(rng.randint(0, len(symbols)), digit)
     first_letter = next(s for s in symbols if s != digit)
     return f"Which digit is in {' '.join(symbols)}?", f"The digit is {digit}.", digit, first_letter
-
-
-def task_text(problem):
-    """The problem in the answer task prompt (prompts/answerbench.txt), as eval.py and rl.py send it."""
-    with open(os.path.join(ROOT, "prompts", "answerbench.txt")) as f:
-        return f.read().strip().replace("{problem}", problem)
 
 
 def distinct_problems(rng, n, seen):
@@ -75,7 +72,7 @@ def sft_row(problem, thinking, answer, first, correct):
     """A FineProofs-SFT row; correct=False: the teacher's first-letter habit, graded 0."""
     if not correct:
         thinking, answer = f"The first letter is {first}.", first
-    proof, problem = f"\\boxed{{{answer}}}", task_text(problem)
+    proof, problem = f"\\boxed{{{answer}}}", rc_decode.task_text(problem, "answerbench")  # as eval/rl send it
     return {"problem": problem, "reasoning_content": thinking, "proof": proof,
             "messages": [{"role": "user", "content": problem},
                          {"role": "assistant", "content": f"<think>\n{thinking}\n</think>\n\n{proof}"}],
