@@ -404,8 +404,11 @@ class GradeLog:
         self.path, self.grader, self.name, self.by_id = path, grader, name, by_id
         lines = common.read_jsonl(path)
         # keys graded without an error are never resubmitted (an errored grade is retried on this run);
-        # `done` holds each one's grade, `have` the (id, sample, key) that already have their own line
-        self.done = {r["key"]: r for r in lines if r.get("key") and not r.get("error")}
+        # `done` holds each one's grade (without the line's own fields), `have` the (id, sample, key)
+        # that already have their own line
+        own = ("id", "sample", "grader", "key")
+        self.done = {r["key"]: {k: v for k, v in r.items() if k not in own}
+                     for r in lines if r.get("key") and not r.get("error")}
         self.have = {(r.get("id"), r.get("sample"), r["key"]) for r in lines if r.get("key") in self.done}
         self.waiting = {}  # key -> generations waiting for its grade (the first one submitted it)
         self.lock = threading.Lock()
@@ -433,8 +436,7 @@ class GradeLog:
                 key, item = self.key(gen)
                 if key in self.done:
                     if (gen["id"], gen["sample"], key) not in self.have:
-                        self._write(gen, key, {k: v for k, v in self.done[key].items()
-                                               if k not in ("id", "sample", "grader", "key")})
+                        self._write(gen, key, self.done[key])
                         self.have.add((gen["id"], gen["sample"], key))
                 elif key in self.waiting:
                     self.waiting[key].append(gen)
